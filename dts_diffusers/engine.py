@@ -1,0 +1,456 @@
+"""Diffusion Tree Sampling (DTS) and Diffusion Tree Search (DTS*) over any stochastic denoising chain.
+
+The engine sees three callables and nothing of diffusers or ComfyUI:
+
+- ``prior(n, generators) -> Tensor[n, *shape]`` draws x_T, row ``i`` from ``generators[i]``;
+- ``transition(x, level, generators) -> Tensor`` takes rows at ``level`` (num_steps..1) to ``level - 1`` with one
+  stochastic denoising step, row ``i`` drawing its noise only from ``generators[i]``;
+- ``reward(x0) -> Tensor[n]``.
+
+Nodes exist only at branch levels; the denoising steps between two branch levels form one edge whose noise comes from
+the child's stored seed, so any evicted latent can be replayed. One NFE is one transition of one row.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .noise import row_generators
+from .tree import NO_SLOT, ROOT, LatentStore, TreeArrays, boltzmann, widening_limit
+
+Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
+Transition = Callable[..., torch.Tensor]
+Reward = Callable[[torch.Tensor], torch.Tensor]
+
+ESTIMATORS = ("held-out", "paper")
+
+
+def default_branch_levels(num_steps: int, num_branch_levels: int = 5) -> list[int]:
+    """The paper's schedule: the root level and every num_steps/5 levels below it (50 → 50, 40, 30, 20, 10)."""
+    if num_steps <= num_branch_levels:
+        return list(range(num_steps, 0, -1))
+    every = num_steps / num_branch_levels
+    return sorted({num_steps - round(k * every) for k in range(num_branch_levels)}, reverse=True)
+
+
+def check_lambda(lam: float) -> float:
+    lam = float(lam)
+    if math.isnan(lam) or lam < 0:
+        raise ValueError(f"lam must be >= 0 (got {lam}); lam=0 samples the base model, larger lam follows the reward")
+    return lam
+
+
+def check_finite_rewards(rewards: torch.Tensor, n: int) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (n,):
+        shape = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"reward must return a tensor of shape ({n},), one score per sample (got {shape})")
+    rewards = rewards.detach().to(torch.float64).cpu()
+    if not torch.isfinite(rewards).all():
+        raise ValueError("reward returned NaN or infinite values; make the reward finite (clamp it or fix its input)")
+    return rewards
+
+
+def call_transition(
+    transition: Transition, x: torch.Tensor, level: int, generators: list[torch.Generator]
+) -> torch.Tensor:
+    out = transition(x, level, generators)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"transition must return a tensor shaped like its input {tuple(x.shape)} at level {level} (got {shape})"
+        )
+    return out
+
+
+@dataclass
+class _Item:
+    """One selected iteration: the path from the root to the expanded node, and the nodes its rollout creates."""
+
+    path: list[int]
+    new_nodes: list[int]
+    cost: int
+
+
+@dataclass
+class Timings:
+    """Wall time per phase, in seconds."""
+
+    transition: float = 0.0
+    reward: float = 0.0
+    bookkeeping: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"transition": self.transition, "reward": self.reward, "bookkeeping": self.bookkeeping}
+
+
+class DTS:
+    """Grow a denoising tree toward π*(x) ∝ p(x)·exp(λ·r(x)) (``mode="sample"``) or its modes (``mode="search"``).
+
+    ``estimator`` picks how sampling mode turns the tree into samples:
+
+    - ``"held-out"`` (default): every node's children alternate between *drawing* children (the 1st, 3rd, …) and
+      *building* children (2nd, 4th, …). Selection while building looks only at building children, so how many
+      drawing children a node gets never depends on their own values; samples are drawn by Boltzmann descent over
+      drawing children. This removes the downward bias of adaptive widening at finite budgets (see README).
+    - ``"paper"``: Algorithm 1 as published: Boltzmann selection and drawing on the log-mean-exp over all children.
+
+    Search mode (DTS*) builds with UCT on the soft value over all children and draws by argmax.
+    """
+
+    def __init__(
+        self,
+        prior: Prior,
+        transition: Transition,
+        reward: Reward,
+        num_steps: int,
+        lam: float = 1.0,
+        mode: str = "sample",
+        branch_levels: Sequence[int] | None = None,
+        pw_c: float = 2.0,
+        pw_alpha: float = 0.8,
+        c_uct: float = 1.0,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        estimator: str = "held-out",
+        latent_device: torch.device | str | None = None,
+        latent_budget_bytes: int | None = None,
+    ):
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer (got {num_steps!r})")
+        if mode not in ("sample", "search"):
+            raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*) (got {mode!r})")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS} (got {estimator!r})")
+        if pw_c <= 0 or not 0 < pw_alpha <= 1:
+            raise ValueError(f"need pw_c > 0 and 0 < pw_alpha <= 1 (got pw_c={pw_c}, pw_alpha={pw_alpha})")
+        if c_uct < 0:
+            raise ValueError(f"c_uct must be >= 0 (got {c_uct})")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
+        if latent_budget_bytes is not None and latent_budget_bytes <= 0:
+            raise ValueError(f"latent_budget_bytes must be positive or None for no limit (got {latent_budget_bytes})")
+        levels = default_branch_levels(num_steps) if branch_levels is None else [int(b) for b in branch_levels]
+        bad = [b for b in levels if not 1 <= b <= num_steps]
+        if bad:
+            raise ValueError(
+                f"branch levels must lie in 1..num_steps={num_steps} (got {bad}); "
+                "level num_steps is x_T, level 1 the last denoising step"
+            )
+        self.prior, self.transition, self.reward = prior, transition, reward
+        self.num_steps = num_steps
+        self.lam = check_lambda(lam)
+        self.mode, self.estimator = mode, estimator
+        self.node_levels = sorted({num_steps, *levels, 0}, reverse=True)
+        self.pw_c, self.pw_alpha, self.c_uct = pw_c, pw_alpha, c_uct
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else None
+        self.tree = TreeArrays(root_level=num_steps + 1)
+        self.store = LatentStore(torch.device(latent_device or device or "cpu"), latent_budget_bytes)
+        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self._queue: list[_Item] = []
+        self._nfe_target = 0
+        self._draw_calls = 0
+        self.nfe = 0
+        self.replayed_nfe = 0
+        self.reward_evals = 0
+        self.iterations = 0
+        self.timings = Timings()
+        self._best: tuple[int, float] = (-1, -math.inf)
+        self._next_level = {hi: lo for hi, lo in zip(self.node_levels, self.node_levels[1:], strict=False)}
+        self._next_level[num_steps + 1] = num_steps
+
+    # ---------------------------------------------------------------------------------------------------------
+    # public API
+    # ---------------------------------------------------------------------------------------------------------
+    def run(self, nfe_budget: int, callback: Callable[[DTS], object] | None = None) -> DTS:
+        """Spend at most `nfe_budget` more NFE growing the tree; a later call continues the same tree.
+
+        Budgets accumulate, so `run(b)` twice builds the same tree as `run(2 * b)`. `callback(self)` runs after every
+        batch; a truthy return stops early (the tree stays valid and can be continued).
+        """
+        if not isinstance(nfe_budget, int | np.integer) or nfe_budget < 0:
+            raise ValueError(f"nfe_budget must be a non-negative integer (got {nfe_budget!r})")
+        self._nfe_target += int(nfe_budget)
+        if self.iterations == 0 and not self._queue and self._nfe_target < self.num_steps:
+            raise ValueError(
+                f"nfe_budget={self._nfe_target} is below one rollout: the first sample costs num_steps="
+                f"{self.num_steps} NFE; give at least that"
+            )
+        while True:
+            start = time.perf_counter()
+            if not self._queue:
+                self._queue = [self._select() for _ in range(self.batch_size)]
+            affordable, spent = 0, 0
+            for item in self._queue:
+                if self.nfe + spent + item.cost > self._nfe_target:
+                    break
+                affordable, spent = affordable + 1, spent + item.cost
+            batch, self._queue = self._queue[:affordable], self._queue[affordable:]
+            self.timings.bookkeeping += time.perf_counter() - start
+            if not batch:
+                return self
+            self._execute(batch)
+            if callback is not None and callback(self):
+                return self
+
+    def sample(self, n: int, return_rewards: bool = False):
+        """`n` terminal states drawn from the tree with no model call (latent replays aside)."""
+        if self.iterations == 0:
+            raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
+        if self.mode == "search":
+            leaves = self._best_first_leaves(n)
+        else:
+            rng = np.random.Generator(np.random.PCG64([self.seed, 1, self._draw_calls]))
+            self._draw_calls += 1
+            leaves = [self._draw_leaf(rng) for _ in range(n)]
+        x0 = self._latents(leaves)
+        if return_rewards:
+            return x0, torch.as_tensor(self.tree.value_np[leaves], dtype=torch.float32)
+        return x0
+
+    def best(self) -> tuple[torch.Tensor, float]:
+        """The highest-reward terminal state found so far, shape [1, *shape], and its reward."""
+        node, reward = self._best
+        if node < 0:
+            raise RuntimeError("the tree is empty: call run(nfe_budget) before best()")
+        return self._latents([node]), reward
+
+    def stats(self) -> dict:
+        tree = self.tree
+        levels = tree.level_np[: tree.size]
+        return {
+            "nodes": tree.size - 1,
+            "leaves": int((levels == 0).sum()),
+            "depth": tree.depth(),
+            "root_children": int(tree.child_count_np[ROOT]),
+            "iterations": self.iterations,
+            "nfe": self.nfe,
+            "replayed_nfe": self.replayed_nfe,
+            "reward_evals": self.reward_evals,
+            "stored_latent_bytes": self.store.bytes,
+            "best_reward": self._best[1],
+            "root_value": float(tree.value_np[ROOT]),
+            "timings": self.timings.as_dict(),
+        }
+
+    # ---------------------------------------------------------------------------------------------------------
+    # selection and expansion
+    # ---------------------------------------------------------------------------------------------------------
+    def _select(self) -> _Item:
+        tree = self.tree
+        node, path = ROOT, [ROOT]
+        while True:
+            tree.pending_np[node] += 1
+            level = int(tree.level_np[node])
+            if level == 0:
+                return _Item(path, [], 0)
+            visits = int(tree.visits_np[node] + tree.pending_np[node] - 1)
+            if tree.child_count_np[node] < widening_limit(max(visits, 1), self.pw_c, self.pw_alpha):
+                return self._expand(path)
+            node = self._select_child(node)
+            path.append(node)
+
+    def _select_child(self, node: int) -> int:
+        tree = self.tree
+        kids = tree.children(node)
+        kids = kids[tree.done_np[kids]]
+        if self.mode == "search":
+            visits = tree.visits_np[kids] + tree.pending_np[kids]
+            parent_visits = tree.visits_np[node] + tree.pending_np[node]
+            score = tree.value_np[kids] + self.c_uct * np.sqrt(np.log(parent_visits) / visits)
+            return int(kids[np.argmax(score)])
+        if self.estimator == "paper":
+            probs = boltzmann(tree.value_np[kids], self.lam)
+        else:
+            probs = self._held_out_probs(tree.build_value_np[kids])
+        return int(kids[self._rng.choice(kids.size, p=probs)])
+
+    def _held_out_probs(self, build_values: np.ndarray) -> np.ndarray:
+        """Boltzmann over building values; a child with none yet gets the mean weight of those that have one."""
+        known = ~np.isnan(build_values)
+        if not known.any():
+            return np.full(build_values.size, 1.0 / build_values.size)
+        weights = np.empty(build_values.size)
+        weights[known] = boltzmann(build_values[known], self.lam)
+        weights[~known] = weights[known].mean()
+        return weights / weights.sum()
+
+    def _expand(self, path: list[int]) -> _Item:
+        """Create the rollout's nodes now (seeds drawn in selection order), compute their latents later."""
+        tree = self.tree
+        parent = path[-1]
+        cost = min(int(tree.level_np[parent]), self.num_steps)
+        new_nodes = []
+        level = int(tree.level_np[parent])
+        while level > 0:
+            level = self._next_level[level]
+            is_draw = parent == ROOT or tree.child_count_np[parent] % 2 == 0  # 1st, 3rd, … children draw
+            seed = int(self._rng.integers(0, 2**63 - 1))
+            parent = tree.add_node(parent, level, seed, is_draw_child=bool(is_draw))
+            new_nodes.append(parent)
+        return _Item(path, new_nodes, cost)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # rollout, reward and backup
+    # ---------------------------------------------------------------------------------------------------------
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        calls_before = self.timings.transition + self.timings.reward
+        tree = self.tree
+        rollouts = [item for item in batch if item.new_nodes]
+        if rollouts:
+            x0 = self._rollout(rollouts)
+            t0 = time.perf_counter()
+            rewards = check_finite_rewards(self.reward(x0), len(rollouts))
+            self.timings.reward += time.perf_counter() - t0
+            self.reward_evals += len(rollouts)
+            for item, r in zip(rollouts, rewards.tolist(), strict=True):
+                leaf = item.new_nodes[-1]
+                tree.set_leaf(leaf, r)
+                tree.visits_np[leaf] = 1
+                if r > self._best[1]:
+                    self._best = (leaf, r)
+                for node in reversed(item.new_nodes[:-1]):
+                    tree.refresh(node, self.lam)
+                    tree.visits_np[node] = 1
+                    tree.done_np[node] = True
+        for item in batch:
+            for node in reversed(item.path):
+                tree.pending_np[node] -= 1
+                tree.visits_np[node] += 1
+                if tree.level_np[node] > 0:
+                    tree.refresh(node, self.lam)
+        self.iterations += len(batch)
+        in_calls = self.timings.transition + self.timings.reward - calls_before
+        self.timings.bookkeeping += time.perf_counter() - start - in_calls
+
+    def _rollout(self, items: list[_Item]) -> torch.Tensor:
+        """Denoise every item from its expansion point to x_0, one batched transition call per level."""
+        tree = self.tree
+        n = len(items)
+        from_prior = [i for i, item in enumerate(items) if item.path[-1] == ROOT]
+        from_node = [i for i, item in enumerate(items) if item.path[-1] != ROOT]
+        parts, order = [], []
+        if from_prior:
+            first = [items[i].new_nodes[0] for i in from_prior]
+            t0 = time.perf_counter()
+            parts.append(self.prior(len(first), row_generators(tree.seed_np[first])))
+            self.timings.transition += time.perf_counter() - t0
+            order += from_prior
+        if from_node:
+            parts.append(self._latents([items[i].path[-1] for i in from_node]))
+            order += from_node
+        x = torch.cat([p.to(self._compute_device(p)) for p in parts])[np.argsort(order)]
+        # per-row cursor into new_nodes: the next node to reach, and the generator of the edge into it
+        cursor = [0 if item.path[-1] != ROOT else 1 for item in items]
+        level = [int(tree.level_np[item.path[-1]]) for item in items]
+        for i in from_prior:
+            level[i] = self.num_steps
+        self._store([items[i].new_nodes[0] for i in from_prior], x[from_prior] if from_prior else None)
+        gens = [self._edge_generator(items[i], cursor[i]) for i in range(n)]
+        for current in range(max(level), 0, -1):
+            active = [i for i in range(n) if level[i] == current]
+            if not active:
+                continue
+            index = torch.as_tensor(active, device=x.device)
+            t0 = time.perf_counter()
+            out = call_transition(self.transition, x[index], current, [gens[i] for i in active])
+            self.timings.transition += time.perf_counter() - t0
+            x[index] = out.to(x.dtype)
+            self.nfe += len(active)
+            reached, rows = [], []
+            for i in active:
+                level[i] -= 1
+                node = items[i].new_nodes[cursor[i]]
+                if tree.level_np[node] == level[i]:
+                    reached.append(node)
+                    rows.append(i)
+                    cursor[i] += 1
+                    gens[i] = self._edge_generator(items[i], cursor[i])
+            if reached:
+                self._store(reached, x[torch.as_tensor(rows, device=x.device)])
+        return x
+
+    def _edge_generator(self, item: _Item, cursor: int) -> torch.Generator | None:
+        if cursor >= len(item.new_nodes):
+            return None
+        return row_generators([self.tree.seed_np[item.new_nodes[cursor]]])[0]
+
+    def _compute_device(self, like: torch.Tensor) -> torch.device:
+        return self.device if self.device is not None else like.device
+
+    def _store(self, nodes: list[int], latents: torch.Tensor | None) -> None:
+        if nodes:
+            self.store.put(self.tree, nodes, latents, pinned=set())
+
+    # ---------------------------------------------------------------------------------------------------------
+    # latents: gather, replay evicted ones from stored seeds
+    # ---------------------------------------------------------------------------------------------------------
+    def _latents(self, nodes: list[int]) -> torch.Tensor:
+        rows = [self._latent(node) for node in nodes]
+        return torch.cat(rows)
+
+    def _latent(self, node: int) -> torch.Tensor:
+        tree = self.tree
+        if tree.slot_np[node] != NO_SLOT:
+            return self.store.get([int(tree.slot_np[node])]).to(self._compute_device(self.store.data))
+        chain = [node]
+        while tree.slot_np[chain[-1]] == NO_SLOT and tree.parent_np[chain[-1]] != ROOT:
+            chain.append(int(tree.parent_np[chain[-1]]))
+        top = chain.pop()
+        if tree.slot_np[top] == NO_SLOT:  # an x_T node: redraw it from its seed, no NFE
+            x = self.prior(1, row_generators([tree.seed_np[top]]))
+        else:
+            x = self.store.get([int(tree.slot_np[top])])
+        x = x.to(self._compute_device(x))
+        level = int(tree.level_np[top])
+        for child in reversed(chain):
+            generator = row_generators([tree.seed_np[child]])
+            while level > tree.level_np[child]:
+                x = call_transition(self.transition, x, level, generator)
+                level -= 1
+                self.replayed_nfe += 1
+        self._store([node], x)
+        return x
+
+    # ---------------------------------------------------------------------------------------------------------
+    # drawing from the finished tree
+    # ---------------------------------------------------------------------------------------------------------
+    def _draw_leaf(self, rng: np.random.Generator) -> int:
+        tree = self.tree
+        node = ROOT
+        while tree.level_np[node] > 0:
+            kids = tree.children(node)
+            kids = kids[tree.done_np[kids]]
+            if self.estimator == "held-out":
+                kids = kids[tree.is_draw_child_np[kids] & tree.draw_complete_np[kids]]
+                values = tree.draw_value_np[kids]
+            else:
+                values = tree.value_np[kids]
+            node = int(kids[rng.choice(kids.size, p=boltzmann(values, self.lam))])
+        return node
+
+    def _best_first_leaves(self, n: int) -> list[int]:
+        """Leaves in the order of argmax descent (DTS*): the first is the argmax leaf, then its runners-up."""
+        tree = self.tree
+        leaves: list[int] = []
+        stack = [ROOT]
+        while stack and len(leaves) < n:
+            node = stack.pop()
+            if tree.level_np[node] == 0:
+                leaves.append(node)
+                continue
+            kids = tree.children(node)
+            kids = kids[tree.done_np[kids]]
+            stack.extend(kids[np.argsort(tree.value_np[kids], kind="stable")].tolist())
+        while len(leaves) < n:
+            leaves.append(leaves[len(leaves) % max(len(leaves), 1)])
+        return leaves
