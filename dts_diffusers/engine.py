@@ -225,12 +225,13 @@ class DTS:
 
     def stats(self) -> dict:
         tree = self.tree
-        levels = tree.level_np[: tree.size]
+        done = tree.done_np[: tree.size]
+        levels = tree.level_np[: tree.size][done]
         return {
-            "nodes": tree.size - 1,
+            "nodes": int(done.sum()) - 1,
             "leaves": int((levels == 0).sum()),
-            "depth": tree.depth(),
-            "root_children": int(tree.child_count_np[ROOT]),
+            "depth": int(levels.max() - levels.min()),
+            "root_children": int(done[tree.children(ROOT)].sum()),
             "iterations": self.iterations,
             "nfe": self.nfe,
             "replayed_nfe": self.replayed_nfe,

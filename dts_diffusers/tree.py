@@ -155,9 +155,6 @@ class TreeArrays:
         self.draw_complete_np[node] = True
         self.done_np[node] = True
 
-    def depth(self) -> int:
-        return int(self.level_np[ROOT] - self.level_np[: self.size].min()) if self.size > 1 else 0
-
 
 class LatentStore:
     """Latents of tree nodes in fixed-size slots on one device, under an optional byte budget.

@@ -1,0 +1,163 @@
+"""The tree engine on exact toy chains: laws, budgets, determinism, anytime continuation, storage, errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dts_diffusers import DTS
+from dts_diffusers.noise import randn_rows
+from dts_diffusers.toy import bimodal_1d, gmm_2d
+from dts_diffusers.tree import soft_mean
+
+TASK = bimodal_1d()
+
+
+def make(task=TASK, **kw):
+    kw.setdefault("lam", task.lam)
+    return DTS(task.chain.prior, task.chain.transition, task.reward, task.num_steps, **kw)
+
+
+def finished_leaf_values(dts):
+    n = dts.tree.size
+    return dts.tree.value_np[:n][(dts.tree.level_np[:n] == 0) & dts.tree.done_np[:n]]
+
+
+@pytest.mark.parametrize("estimator", ["held-out", "paper"])
+def test_lambda_zero_samples_the_base_chain(estimator):
+    """One draw from each of many independent trees: iid draws of the procedure's law, tested against the data."""
+    task = bimodal_1d(num_steps=10)
+    drawn = np.array(
+        [make(task, lam=0.0, seed=s, estimator=estimator, batch_size=4).run(400).sample(1).item() for s in range(120)]
+    )
+    data = task.chain.sample_data(20000, torch.Generator().manual_seed(0)).flatten().numpy()
+    assert stats.ks_2samp(drawn, data).pvalue > 0.01
+
+
+def test_held_out_estimator_is_unbiased_where_the_papers_rule_is_not():
+    target = (TASK.target_samples(100_000, 0) > 0).float().mean().item()
+    held_out = [(make(seed=s).run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)]
+    paper = [(make(seed=s, estimator="paper").run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)]
+    assert abs(np.mean(held_out) - target) < 0.07
+    assert np.mean(paper) < target - 0.1  # the finite-budget bias documented in the README
+
+
+def test_budget_is_never_exceeded_and_split_runs_equal_one_run():
+    for budget in (20, 37, 999, 4321):
+        assert make(seed=1).run(budget).nfe <= budget
+    once = make(seed=5, batch_size=8).run(3000)
+    twice = make(seed=5, batch_size=8).run(1500).run(1500)
+    assert once.stats() | {"timings": None} == twice.stats() | {"timings": None}
+    assert torch.equal(once.sample(50), twice.sample(50))
+
+
+def test_same_seed_same_samples_and_other_seed_differs():
+    a, b, c = (make(seed=s).run(2000) for s in (7, 7, 8))
+    assert torch.equal(a.sample(64), b.sample(64))
+    assert not torch.equal(a.sample(64), c.sample(64))
+
+
+def test_tree_statistics_and_structure():
+    dts = make(seed=2, batch_size=4).run(5000)
+    st = dts.stats()
+    assert st["nfe"] <= 5000 and st["iterations"] >= 5000 // TASK.num_steps
+    assert st["leaves"] == st["reward_evals"]
+    assert st["depth"] == TASK.num_steps + 1  # dummy root down to x_0
+    tree = dts.tree
+    levels = set(tree.level_np[1 : tree.size].tolist())
+    assert levels == set(dts.node_levels)  # nodes only at branch levels
+    # every node's visits = completed iterations through it: the root's equals 1 + iterations
+    assert tree.visits_np[0] == 1 + st["iterations"]
+    assert (tree.pending_np[: tree.size] >= 0).all()
+
+
+def test_search_mode_draws_the_argmax_path_and_tracks_the_best_leaf():
+    dts = make(seed=4, mode="search").run(4000)
+    _, reward = dts.best()
+    assert reward == pytest.approx(finished_leaf_values(dts).max())
+    tree, node = dts.tree, 0
+    while tree.level_np[node] > 0:  # argmax descent by soft value
+        kids = tree.children(node)
+        kids = kids[tree.done_np[kids]]
+        node = int(kids[np.argmax(tree.value_np[kids])])
+    assert torch.equal(dts.sample(1), dts._latents([node]))
+
+
+def test_infinite_lambda_backs_up_the_max():
+    dts = make(seed=0, lam=math.inf, mode="search").run(2000)
+    assert dts.tree.value_np[0] == pytest.approx(finished_leaf_values(dts).max())
+
+
+def test_soft_mean_is_stable_for_large_lambda_and_rewards():
+    values = np.array([1000.0, 999.0, -5000.0])
+    assert soft_mean(values, 1e4) == pytest.approx(1000.0 - math.log(3) / 1e4)
+    assert soft_mean(values, 0.0) == pytest.approx(values.mean())
+    assert soft_mean(values, math.inf) == 1000.0
+
+
+def test_evicted_latents_are_replayed_from_seeds():
+    task = gmm_2d(num_steps=20)
+    full = make(task, seed=9).run(3000)
+    small = make(task, seed=9, latent_budget_bytes=8 * 64, latent_device="cpu").run(3000)
+    assert small.stats()["stored_latent_bytes"] <= 8 * 64
+    torch.testing.assert_close(small.sample(32), full.sample(32), rtol=1e-5, atol=1e-5)
+    assert small.nfe == full.nfe and small.replayed_nfe > 0 and full.replayed_nfe == 0
+
+
+def test_rows_do_not_depend_on_batch_composition():
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    x = TASK.chain.prior(3, gens)
+    together = TASK.chain.transition(x, 5, [torch.Generator().manual_seed(s) for s in (4, 5, 6)])
+    alone = TASK.chain.transition(x[1:2], 5, [torch.Generator().manual_seed(5)])
+    torch.testing.assert_close(together[1:2], alone)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "budget", "message"),
+    [
+        ({"lam": -1.0}, 100, "lam must be >= 0"),
+        ({}, 5, "below one rollout"),
+        ({"branch_levels": [25]}, 100, "branch levels must lie in 1..num_steps=20"),
+        ({"mode": "greedy"}, 100, "mode must be"),
+        ({"estimator": "magic"}, 100, "estimator must be one of"),
+    ],
+)
+def test_bad_arguments_name_the_fix(kwargs, budget, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs).run(budget)
+
+
+@pytest.mark.parametrize(
+    ("reward", "message"),
+    [
+        (lambda x: torch.zeros(len(x), 1), r"shape \(\d+,\)"),
+        (lambda x: torch.full((len(x),), float("nan")), "NaN or infinite"),
+        (lambda x: torch.full((len(x),), float("inf")), "NaN or infinite"),
+    ],
+)
+def test_bad_rewards_are_reported(reward, message):
+    dts = DTS(TASK.chain.prior, TASK.chain.transition, reward, TASK.num_steps)
+    with pytest.raises(ValueError, match=message):
+        dts.run(100)
+
+
+def test_bad_transition_shape_is_reported():
+    dts = DTS(TASK.chain.prior, lambda x, level, gens: x[:, :0], TASK.reward, TASK.num_steps)
+    with pytest.raises(ValueError, match="transition must return a tensor shaped like its input"):
+        dts.run(100)
+
+
+def test_engine_works_on_a_generic_chain_without_the_toy():
+    """A hand-written random-walk chain: the engine only needs the three callables."""
+
+    def prior(n, gens):
+        return randn_rows(gens, (3,))
+
+    def transition(x, level, gens):
+        return 0.9 * x + 0.1 * randn_rows(gens, x.shape[1:])
+
+    dts = DTS(prior, transition, lambda x: x.sum(-1), num_steps=10, lam=2.0, seed=0).run(800)
+    assert dts.sample(5).shape == (5, 3)
+    assert dts.nfe <= 800
