@@ -1,10 +1,31 @@
 """Diffusion Tree Sampling (DTS) and Diffusion Tree Search (DTS*).
 
-The engine (`DTS`) knows nothing of diffusers or ComfyUI; the pipelines and rewards are imported lazily so that
-`from dts_diffusers import DTS` stays light.
+The engine (`DTS`, `build_sampler`) knows nothing of diffusers or ComfyUI. Pipelines, rewards and the
+k-diffusion sampler are imported on first use, so `from dts_diffusers import DTS` stays light.
 """
 
-from .engine import DTS
+from importlib import import_module
 
-__all__ = ["DTS"]
+from .engine import DTS
+from .methods import METHODS, build_sampler
+from .particles import ParticleSearch
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "DTSPipeline": "dts_diffusers.pipelines",
+    "DTSXLPipeline": "dts_diffusers.pipelines",
+    "DTSPipelineOutput": "dts_diffusers.pipelines",
+    "load_reward": "dts_diffusers.rewards",
+    "as_reward": "dts_diffusers.rewards",
+    "register_reward": "dts_diffusers.rewards",
+    "sample_dts": "dts_diffusers.k_sampling",
+}
+
+__all__ = ["DTS", "METHODS", "ParticleSearch", "build_sampler", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dts_diffusers' has no attribute {name!r}")
