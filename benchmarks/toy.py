@@ -37,6 +37,7 @@ METHODS = {  # label -> (method, options)
     "SMC": ("smc", {}),
 }
 ANYTIME = {"dts", "dts*", "best-of-n"}
+COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True))
 
 
 def mmd(x: np.ndarray, y: np.ndarray, bandwidths=(0.5, 1.0, 2.0)) -> float:
@@ -228,8 +229,8 @@ def plot(report: dict, path: Path) -> None:
             med = [series[n]["median"] for n in series]
             lo = [series[n]["min"] for n in series]
             hi = [series[n]["max"] for n in series]
-            ax.plot(nfe, med, marker="o", label=method)
-            ax.fill_between(nfe, lo, hi, alpha=0.15)
+            ax.plot(nfe, med, marker="o", label=method, color=COLORS[method])
+            ax.fill_between(nfe, lo, hi, alpha=0.15, color=COLORS[method])
         if key == "high_mode_mass":
             ax.axhline(report[task]["target_high_mode_mass"], color="k", ls="--", label="π*")
         else:
