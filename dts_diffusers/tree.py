@@ -23,11 +23,11 @@ def soft_mean(values: np.ndarray, lam: float) -> float:
     if values.size == 0:
         return math.nan
     if lam == 0.0:
-        return float(values.mean())
+        return float(values.sum()) / values.size
+    top = float(values.max())
     if math.isinf(lam):
-        return float(values.max())
-    top = values.max()
-    return float(top + np.log(np.mean(np.exp(lam * (values - top)))) / lam)
+        return top
+    return top + math.log(float(np.exp(lam * (values - top)).sum()) / values.size) / lam
 
 
 def boltzmann(values: np.ndarray, lam: float) -> np.ndarray:
@@ -213,7 +213,7 @@ class LatentStore:
             self.data[slot] = latents[i]
             self.owner[slot] = node
             tree.slot_np[node] = slot
-            self.touch([slot])
+            self.last_use[slot] = self.clock
 
     def _evict(self, tree: TreeArrays, pinned: set[int]) -> None:
         order = np.argsort(self.last_use, kind="stable")
