@@ -1,0 +1,208 @@
+"""CLIP-family rewards on transformers' `CLIPModel`: CLIP score, PickScore and the LAION aesthetic predictor v2.
+
+Each loads its model once, caches normalised text embeddings per prompt, and preprocesses tensors on the reward's
+device with the resize / crop / mean / std read from the processor's `preprocessor_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, CLIPModel
+
+from .base import Reward
+from .hub import load_pretrained, resolve_file
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+
+CLIP_L14 = "openai/clip-vit-large-patch14"
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+AESTHETIC_REPO = "camenduru/improved-aesthetic-predictor"
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+def _read_image_processing(processor_dir: str, *, argument: str, reward: str, local_files_only: bool) -> dict:
+    """Resize size, crop size, mean and std from a CLIP `preprocessor_config.json` (old int or new dict layouts)."""
+    path = resolve_file(
+        processor_dir, "preprocessor_config.json", argument=argument, reward=reward, local_files_only=local_files_only
+    )
+    with open(path) as handle:
+        config = json.load(handle)
+    size, crop = config.get("size", 224), config.get("crop_size", 224)
+    size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    return {
+        "size": int(size),
+        "crop": int(crop),
+        "mean": tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        "std": tuple(config.get("image_std", OPENAI_CLIP_STD)),
+    }
+
+
+def _load_clip(
+    model_path: str | os.PathLike,
+    processor_path: str | os.PathLike,
+    *,
+    reward: str,
+    device,
+    dtype,
+    local_files_only: bool,
+    model_argument: str = "pretrained_model_name_or_path",
+    processor_argument: str = "pretrained_model_name_or_path",
+):
+    common = {"reward": reward, "local_files_only": local_files_only}
+    model = load_pretrained(
+        CLIPModel.from_pretrained, model_path, filename="model.safetensors", argument=model_argument, **common
+    )
+    tokenizer = load_pretrained(
+        AutoTokenizer.from_pretrained, processor_path, filename="tokenizer.json", argument=processor_argument, **common
+    )
+    processing = _read_image_processing(os.fspath(processor_path), argument=processor_argument, **common)
+    model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
+    return model, tokenizer, processing
+
+
+class ClipEmbeddingReward(Reward):
+    """Shared machinery: image embeddings from tensors, text embeddings cached per prompt (both L2-normalised)."""
+
+    def __init__(self, model: CLIPModel, tokenizer, processing: dict, name: str):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processing = processing
+        self.name = name
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.processing
+        pixels = clip_preprocess(images, p["size"], p["crop"], p["mean"], p["std"], dtype=self.dtype)
+        pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+        return nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            max_length = self.model.config.text_config.max_position_embeddings
+            tokens = self.tokenizer(missing, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            with torch.no_grad():
+                pooled = self.model.text_model(
+                    input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+                ).pooler_output
+                features = nn.functional.normalize(self.model.text_projection(pooled).float(), dim=-1)
+            self._text_cache.update(zip(missing, features, strict=True))
+        return torch.stack([self._text_cache[p].to(self.device) for p in prompts])
+
+
+class ClipScore(ClipEmbeddingReward):
+    """`logit_scale * cos(image, prompt)`: 100 x cosine similarity for OpenAI CLIP, the usual "CLIP score"."""
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        scale = self.model.logit_scale.float().exp()
+        return scale * (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(-1)
+
+
+class AestheticScore(ClipEmbeddingReward):
+    """LAION aesthetic predictor v2: an MLP on the L2-normalised CLIP ViT-L/14 image embedding (roughly 1-10)."""
+
+    needs_prompts = False
+
+    def __init__(self, model: CLIPModel, tokenizer, processing: dict, head: nn.Module):
+        super().__init__(model, tokenizer, processing, name="aesthetic")
+        self.head = head
+
+    def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
+        embeddings = self.image_embeddings(images)
+        return self.head(embeddings.to(self.head[0].weight.dtype))[:, 0]
+
+
+def aesthetic_head(embedding_dim: int = 768) -> nn.Sequential:
+    """The improved-aesthetic-predictor MLP, same layer indices as its checkpoint (`layers.0` ... `layers.7`)."""
+    return nn.Sequential(
+        nn.Linear(embedding_dim, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
+def load_aesthetic_head(path: str) -> nn.Sequential:
+    """Load `sac+logos+ava1-l14-linearMSE.pth` (keys `layers.N.*`, or `N.*` when saved from a bare Sequential)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {key.removeprefix("layers."): value for key, value in state.items()}
+    head = aesthetic_head(state["0.weight"].shape[1])
+    head.load_state_dict(state, strict=True)
+    return head.eval().requires_grad_(False)
+
+
+def load_clip_score(
+    device=None,
+    dtype=None,
+    pretrained_model_name_or_path: str | os.PathLike = CLIP_L14,
+    local_files_only: bool = False,
+) -> ClipScore:
+    """CLIP score with OpenAI CLIP ViT-L/14 (or any `CLIPModel` repo / directory with its tokenizer and processor)."""
+    model, tokenizer, processing = _load_clip(
+        pretrained_model_name_or_path,
+        pretrained_model_name_or_path,
+        reward="clip",
+        device=device,
+        dtype=dtype,
+        local_files_only=local_files_only,
+    )
+    return ClipScore(model, tokenizer, processing, name="clip")
+
+
+def load_pickscore(
+    device=None,
+    dtype=None,
+    pretrained_model_name_or_path: str | os.PathLike = PICKSCORE,
+    processor_name_or_path: str | os.PathLike = PICKSCORE_PROCESSOR,
+    local_files_only: bool = False,
+) -> ClipScore:
+    """PickScore v1: a CLIP-H fine-tuned on Pick-a-Pic preferences, with the LAION CLIP-H tokenizer and processor."""
+    model, tokenizer, processing = _load_clip(
+        pretrained_model_name_or_path,
+        processor_name_or_path,
+        reward="pickscore",
+        device=device,
+        dtype=dtype,
+        local_files_only=local_files_only,
+        processor_argument="processor_name_or_path",
+    )
+    return ClipScore(model, tokenizer, processing, name="pickscore")
+
+
+def load_aesthetic(
+    device=None,
+    dtype=None,
+    pretrained_model_name_or_path: str | os.PathLike = AESTHETIC_REPO,
+    clip_model_name_or_path: str | os.PathLike = CLIP_L14,
+    local_files_only: bool = False,
+) -> AestheticScore:
+    """LAION aesthetic v2: MLP weights `sac+logos+ava1-l14-linearMSE.pth` (repo, directory or file) on CLIP-L/14."""
+    head_path = resolve_file(
+        pretrained_model_name_or_path,
+        AESTHETIC_FILE,
+        argument="pretrained_model_name_or_path",
+        reward="aesthetic",
+        local_files_only=local_files_only,
+    )
+    model, tokenizer, processing = _load_clip(
+        clip_model_name_or_path,
+        clip_model_name_or_path,
+        reward="aesthetic",
+        device=device,
+        dtype=dtype,
+        local_files_only=local_files_only,
+        model_argument="clip_model_name_or_path",
+        processor_argument="clip_model_name_or_path",
+    )
+    head = load_aesthetic_head(head_path).to(device=device, dtype=dtype)
+    return AestheticScore(model, tokenizer, processing, head)
