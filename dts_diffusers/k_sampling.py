@@ -1,0 +1,273 @@
+"""DTS / DTS* as a k-diffusion sampler: `sample_dts(model, x, sigmas, ...)` where `model(x, sigma) -> denoised`.
+
+This is the contract of k-diffusion and of ComfyUI's `KSAMPLER` (the "SAMPLER" type), so any model ComfyUI can sample
+works: the tree's transitions are ancestral steps in sigma space (``x = x0 + σ·ε`` models, η = 1 by default), or their
+rectified-flow form (``x = (1 - σ)·x0 + σ·ε``, ComfyUI's ``CONST`` model sampling: SD3, FLUX, …).
+
+Levels: with ``num_steps = len(sigmas) - 1``, level ``L`` holds states at ``sigmas[num_steps - L]`` and its transition
+steps them to ``sigmas[num_steps - L + 1]``; level ``num_steps`` is x_T, level 0 the final sample.
+
+The prior. The sampler receives ``x`` already noised for ``sigmas[0]`` (ComfyUI: ``noise_scaling(sigmas[0], noise,
+latent_image)``), but every root child of the tree needs its own x_T. So the prior re-noises the *clean* latent with
+fresh per-row noise, using the same scaling: ``x_T = latent_image + σ_0·ε`` (``(1 - σ_0)·latent_image + σ_0·ε`` for
+flow models; ComfyUI's own ``noise_scaling`` when the model exposes its ``model_sampling``). The clean latent is
+``latent_image=`` when given, else ``model.latent_image`` (set by ComfyUI's ``KSAMPLER`` on the model it hands to the
+sampler), else zeros (text-to-image, k-diffusion's convention ``x = ε·σ_0``). With denoise < 1 (img2img) ``σ_0`` is
+below ``σ_max`` and the tree starts from the partly noised input image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .engine import default_branch_levels
+from .methods import METHODS, build_sampler
+from .noise import randn_rows
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """k-diffusion's split of one step into a deterministic step to `sigma_down` and fresh noise of std `sigma_up`."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def ancestral_step(
+    x: torch.Tensor, denoised: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor, eta: float = 1.0
+) -> torch.Tensor:
+    """Euler ancestral step for `x = x0 + σ·ε` (k-diffusion `sample_euler_ancestral`)."""
+    if sigma_to == 0:
+        return denoised
+    sigma_down, sigma_up = get_ancestral_step(sigma_from, sigma_to, eta)
+    d = (x - denoised) / sigma_from
+    return x + d * (sigma_down - sigma_from) + noise * sigma_up
+
+
+def ancestral_step_flow(
+    x: torch.Tensor, denoised: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor, eta: float = 1.0
+) -> torch.Tensor:
+    """Ancestral step for rectified flow `x = (1 - σ)·x0 + σ·ε` (ComfyUI `sample_euler_ancestral_RF`)."""
+    if sigma_to == 0:
+        return denoised
+    sigma_down = sigma_to * (1 + (sigma_to / sigma_from - 1) * eta)
+    alpha_to, alpha_down = 1 - sigma_to, 1 - sigma_down
+    renoise = max(sigma_to**2 - sigma_down**2 * alpha_to**2 / alpha_down**2, 0.0) ** 0.5
+    ratio = sigma_down / sigma_from
+    x = ratio * x + (1 - ratio) * denoised
+    return (alpha_to / alpha_down) * x + noise * renoise
+
+
+def find_model_sampling(model) -> object | None:
+    """ComfyUI's `model_sampling`, found by attribute (no import): KSamplerX0Inpaint → CFGGuider → BaseModel."""
+    for path in (("inner_model", "inner_model"), ("inner_model",), ()):
+        obj = model
+        for name in path:
+            obj = getattr(obj, name, None)
+        sampling = getattr(obj, "model_sampling", None)
+        if sampling is not None:
+            return sampling
+    return None
+
+
+def is_flow_sampling(model_sampling) -> bool:
+    """True for ComfyUI's rectified-flow `CONST` model sampling (and its subclasses)."""
+    return any(cls.__name__ == "CONST" for cls in type(model_sampling).__mro__)
+
+
+def branch_levels_every(num_steps: int, branch_every: int) -> list[int]:
+    """Branch at x_T and every `branch_every` steps below it (num_steps, num_steps - every, …, ≥ 1)."""
+    if not isinstance(branch_every, int) or branch_every < 1:
+        raise ValueError(f"branch_every must be a positive integer (got {branch_every!r})")
+    return list(range(num_steps, 0, -branch_every))
+
+
+def _clean_latent(latent_image: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """One clean latent row for the tree's root; a batch of different latents would be several targets."""
+    if latent_image is None:
+        return torch.zeros_like(x[:1])
+    latent_image = latent_image.to(device=x.device, dtype=x.dtype)
+    if latent_image.shape[1:] != x.shape[1:]:
+        raise ValueError(f"latent_image has shape {tuple(latent_image.shape)}, x has {tuple(x.shape)}")
+    if latent_image.shape[0] > 1 and not torch.equal(latent_image, latent_image[:1].expand_as(latent_image)):
+        raise ValueError(
+            f"DTS steers one latent at a time (got a batch of {latent_image.shape[0]} different latents); "
+            "use a batch of one latent and ask for several outputs with num_outputs"
+        )
+    return latent_image[:1]
+
+
+class SigmaChain:
+    """The engine's prior and transition over a sigma schedule, for a denoiser `model(x, sigma) -> x0`."""
+
+    def __init__(
+        self,
+        model: Denoiser,
+        sigmas: torch.Tensor,
+        latent: torch.Tensor,
+        extra_args: dict,
+        flow: bool,
+        eta: float,
+        noise_scaling: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ):
+        self.model, self.sigmas, self.latent, self.extra_args = model, sigmas, latent, extra_args
+        self.num_steps = len(sigmas) - 1
+        self.step = ancestral_step_flow if flow else ancestral_step
+        self.eta, self.noise_scaling = eta, noise_scaling
+
+    def prior(self, n: int, generators: list[torch.Generator]) -> torch.Tensor:
+        noise = randn_rows(generators, self.latent.shape[1:], device=self.latent.device, dtype=self.latent.dtype)
+        return self.noise_scaling(self.sigmas[0], noise, self.latent.expand_as(noise).clone())
+
+    def transition(self, x: torch.Tensor, level: int, generators: list[torch.Generator], return_x0: bool = False):
+        index = self.num_steps - level
+        sigma_from, sigma_to = float(self.sigmas[index]), float(self.sigmas[index + 1])
+        denoised = self.model(x, self.sigmas[index] * x.new_ones([x.shape[0]]), **self.extra_args)
+        noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype) if sigma_to > 0 else None
+        x_prev = self.step(x, denoised, sigma_from, sigma_to, noise, self.eta)
+        return (x_prev, denoised) if return_x0 else x_prev
+
+
+def _default_noise_scaling(model_sampling, flow: bool) -> Callable:
+    if model_sampling is not None and hasattr(model_sampling, "noise_scaling"):
+
+        def comfy_scaling(sigma, noise, latent):
+            sigma_max = float(model_sampling.sigma_max)
+            max_denoise = math.isclose(float(sigma), sigma_max, rel_tol=1e-5) or float(sigma) > sigma_max
+            return model_sampling.noise_scaling(sigma, noise, latent, max_denoise)
+
+        return comfy_scaling
+    if flow:
+        return lambda sigma, noise, latent: sigma * noise + (1 - sigma) * latent
+    return lambda sigma, noise, latent: latent + sigma * noise
+
+
+@torch.no_grad()
+def sample_dts(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], object] | None = None,
+    disable: bool | None = None,
+    *,
+    reward: Callable[[torch.Tensor], torch.Tensor],
+    nfe_budget: int,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lam: float = 1.0,
+    mode: str = "sample",
+    method: str | None = None,
+    num_outputs: int | None = None,
+    branch_levels: Sequence[int] | None = None,
+    branch_every: int | None = None,
+    pw_c: float = 2.0,
+    pw_alpha: float = 0.8,
+    c_uct: float = 1.0,
+    batch_size: int = 8,
+    seed: int | None = None,
+    eta: float = 1.0,
+    flow: bool | None = None,
+    latent_image: torch.Tensor | None = None,
+    noise_scaling: Callable | None = None,
+    interrupt: Callable[[], object] | None = None,
+    info: dict | None = None,
+) -> torch.Tensor:
+    """Grow a DTS tree (or run a baseline) over `sigmas` and return `num_outputs` samples drawn from it.
+
+    `reward(images) -> Tensor[n]` scores `decode(latents)` (images [n, 3, H, W] in [0, 1]), or the latents themselves
+    when `decode` is None. `mode="sample"` draws from π* ∝ p·exp(λ·r) (DTS); `"search"` returns the best found (DTS*);
+    `method` overrides both with any of `dts_diffusers.methods.METHODS` so baselines run under the same budget.
+    `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised` and `i`
+    counting steps in proportion to the budget spent; `interrupt()` is called between batches and may raise to stop.
+    `info`, when given, is filled with the drawn samples' `rewards`, the `best_reward` and the engine's `stats`.
+    Returns a tensor shaped like `x` with `num_outputs` rows (default: as many as `x`).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    num_steps = len(sigmas) - 1
+    if num_steps < 1:
+        raise ValueError(f"sigmas must hold at least two values (got {len(sigmas)})")
+    if not eta > 0:
+        raise ValueError(
+            f"eta must be > 0 (got {eta}): DTS branches on each step's fresh noise, and with eta=0 the steps are "
+            "deterministic, so every child of a node would be the same; use eta=1 (ancestral sampling)"
+        )
+    method = method or ("dts" if mode == "sample" else "dts*" if mode == "search" else None)
+    if method not in METHODS:
+        raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*), or method one of {METHODS} (got {mode!r})")
+    num_outputs = x.shape[0] if num_outputs is None else int(num_outputs)
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be a positive integer (got {num_outputs})")
+    if branch_levels is None and branch_every is not None:
+        branch_levels = branch_levels_every(num_steps, branch_every)
+    model_sampling = find_model_sampling(model)
+    if flow is None:
+        flow = model_sampling is not None and is_flow_sampling(model_sampling)
+    if latent_image is None:
+        latent_image = getattr(model, "latent_image", None)
+    chain = SigmaChain(
+        model,
+        sigmas,
+        _clean_latent(latent_image, x),
+        extra_args,
+        flow,
+        eta,
+        noise_scaling or _default_noise_scaling(model_sampling, flow),
+    )
+
+    def score(latents: torch.Tensor) -> torch.Tensor:
+        scores = reward(decode(latents) if decode is not None else latents)
+        return torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+
+    sampler = build_sampler(
+        method,
+        chain.prior,
+        chain.transition,
+        score,
+        num_steps,
+        lam=lam,
+        branch_levels=branch_levels if branch_levels is not None else default_branch_levels(num_steps),
+        pw_c=pw_c,
+        pw_alpha=pw_alpha,
+        c_uct=c_uct,
+        batch_size=batch_size,
+        seed=int(extra_args.get("seed", 0) if seed is None else seed),
+        device=x.device,
+    )
+    progress = tqdm(total=nfe_budget, disable=disable, desc=method.upper())
+
+    def on_batch(search) -> bool:
+        progress.update(search.nfe - progress.n)
+        if interrupt is not None and interrupt():
+            return True
+        if callback is not None:
+            best, best_reward = search.best()
+            step = min(num_steps - 1, search.nfe * num_steps // max(nfe_budget, 1))
+            callback(
+                {
+                    "x": best,
+                    "i": step,
+                    "sigma": sigmas[step],
+                    "sigma_hat": sigmas[step],
+                    "denoised": best,
+                    "nfe": search.nfe,
+                    "nfe_budget": nfe_budget,
+                    "best_reward": best_reward,
+                }
+            )
+        return False
+
+    try:
+        sampler.run(nfe_budget, callback=on_batch)
+    finally:
+        progress.close()
+    samples, rewards = sampler.sample(num_outputs, return_rewards=True)
+    if info is not None:
+        info.update(rewards=rewards, best_reward=sampler.best()[1], stats=sampler.stats(), method=method)
+    return samples.to(device=x.device, dtype=x.dtype)

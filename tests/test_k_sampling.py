@@ -1,0 +1,244 @@
+"""`sample_dts` with real denoisers: the exact Gaussian denoiser (where the chain's law is known in closed form) and a
+tiny random-weight UNet wrapped to the k-diffusion contract `model(x, sigma) -> denoised`."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+
+from dts_diffusers.k_sampling import find_model_sampling, is_flow_sampling, sample_dts
+
+DATA_STD = 0.5
+
+
+def karras_sigmas(n: int, sigma_min: float = 0.02, sigma_max: float = 20.0, rho: float = 7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n)
+    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([sigmas, torch.zeros(1)])
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x0 + σε = x] for x0 ~ N(0, s²I)."""
+    sigma = sigma.view(-1, *[1] * (x.ndim - 1))
+    return x * DATA_STD**2 / (DATA_STD**2 + sigma**2)
+
+
+def gaussian_flow_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """E[x0 | (1 - σ)x0 + σε = x] for x0 ~ N(0, s²I)."""
+    sigma = sigma.view(-1, *[1] * (x.ndim - 1))
+    return x * (1 - sigma) * DATA_STD**2 / ((1 - sigma) ** 2 * DATA_STD**2 + sigma**2)
+
+
+def ancestral_chain_law(sigmas: torch.Tensor, latent: float, flow: bool = False) -> tuple[float, float]:
+    """Mean and variance of x_0 after the η=1 ancestral chain on the Gaussian started at the noised `latent`, written
+    out from the update rules."""
+    s2 = DATA_STD**2
+    sigma0 = float(sigmas[0])
+    mean, var = (1 - sigma0) * latent if flow else latent, sigma0**2
+    for a, b in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        k = (1 - a) * s2 / ((1 - a) ** 2 * s2 + a**2) if flow else s2 / (s2 + a**2)  # denoised = k·x
+        if b == 0:
+            coef, up = k, 0.0
+        elif flow:
+            down = b * b / a
+            scale = (1 - b) / (1 - down)
+            coef = scale * (down / a + (1 - down / a) * k)
+            up = math.sqrt(b * b - down * down * (1 - b) ** 2 / (1 - down) ** 2)
+        else:
+            up = math.sqrt(b * b * (a * a - b * b) / (a * a))
+            down = math.sqrt(b * b - up * up)
+            coef = 1 + (down - a) / a * (1 - k)
+        mean, var = coef * mean, coef * coef * var + up * up
+    return mean, var
+
+
+def linear_reward(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).sum(1)
+
+
+def test_lam_zero_samples_the_chain_and_reward_tilts_as_predicted():
+    """λ=0 gives the base chain's law N(0, v); r(x)=x tilts it to N(λv, v)."""
+    sigmas = karras_sigmas(10)
+    _, var = ancestral_chain_law(sigmas, 0.0)
+    x = torch.zeros(1, 1)
+    base = sample_dts(
+        gaussian_denoiser, x, sigmas, reward=linear_reward, nfe_budget=10 * 600, lam=0.0, num_outputs=1000,
+        disable=True, seed=0,
+    )  # fmt: skip
+    tilted = sample_dts(
+        gaussian_denoiser, x, sigmas, reward=linear_reward, nfe_budget=10 * 600, lam=2.0, num_outputs=1000,
+        disable=True, seed=0,
+    )  # fmt: skip
+    assert base.shape == (1000, 1)
+    assert abs(base.mean().item()) < 0.25 * math.sqrt(var)
+    assert base.std().item() == pytest.approx(math.sqrt(var), rel=0.15)
+    assert tilted.mean().item() == pytest.approx(2.0 * var, rel=0.3)
+    assert tilted.std().item() == pytest.approx(math.sqrt(var), rel=0.25)
+
+
+def test_flow_models_use_the_rectified_flow_step_detected_from_comfy_model_sampling():
+    class CONST:  # ComfyUI's rectified-flow model sampling, recognised by class name
+        pass
+
+    class Guider:
+        inner_model = type("BaseModel", (), {"model_sampling": CONST()})()
+
+    class ComfyLikeModel:  # ComfyUI's KSamplerX0Inpaint → CFGGuider → BaseModel.model_sampling
+        inner_model = Guider()
+
+        def __call__(self, x, sigma):
+            return gaussian_flow_denoiser(x, sigma)
+
+    model = ComfyLikeModel()
+    assert is_flow_sampling(find_model_sampling(model))
+    sigmas = torch.linspace(1.0, 0.0, 11)
+    _, var = ancestral_chain_law(sigmas, 0.0, flow=True)
+    out = sample_dts(
+        model, torch.zeros(1, 1), sigmas, reward=linear_reward, nfe_budget=10 * 400, lam=0.0, num_outputs=800,
+        disable=True, seed=1,
+    )  # fmt: skip
+    assert out.std().item() == pytest.approx(math.sqrt(var), rel=0.15)
+    assert abs(out.mean().item()) < 0.25 * math.sqrt(var)
+    # img2img: the flow prior is (1 - σ_0)·latent + σ_0·ε, far from the σ-space law on the same schedule
+    sigmas = torch.linspace(0.6, 0.0, 7)
+    model.latent_image = torch.full((1, 1), 3.0)
+    mean, var = ancestral_chain_law(sigmas, 3.0, flow=True)
+    eps_mean, _ = ancestral_chain_law(sigmas, 3.0, flow=False)
+    assert abs(eps_mean - mean) > 0.5
+    out = sample_dts(
+        model, torch.zeros(1, 1), sigmas, reward=linear_reward, nfe_budget=6 * 400, lam=0.0, num_outputs=800,
+        disable=True, seed=1,
+    )  # fmt: skip
+    assert out.mean().item() == pytest.approx(mean, abs=0.25 * math.sqrt(var))
+    assert out.std().item() == pytest.approx(math.sqrt(var), rel=0.2)
+
+
+def test_img2img_root_renoises_the_clean_latent_not_the_given_x():
+    """With denoise < 1 (σ_0 < σ_max) every root child starts at latent + σ_0·ε with its own ε."""
+    sigmas = karras_sigmas(20)[10:]
+    clean = torch.full((1, 1), 3.0)
+    mean, var = ancestral_chain_law(sigmas, 3.0)
+    x = clean + sigmas[0] * torch.randn(1, 1)  # what ComfyUI hands the sampler
+
+    class ComfyLikeModel:  # ComfyUI's KSAMPLER sets `latent_image` on the model it passes
+        latent_image = clean
+
+        def __call__(self, x, sigma):
+            return gaussian_denoiser(x, sigma)
+
+    out = sample_dts(
+        ComfyLikeModel(), x, sigmas, reward=linear_reward, nfe_budget=10 * 400, lam=0.0, num_outputs=800,
+        disable=True,
+    )  # fmt: skip
+    assert out.mean().item() == pytest.approx(mean, abs=0.2 * math.sqrt(var))
+    assert out.std().item() == pytest.approx(math.sqrt(var), rel=0.2)
+
+
+def test_bad_settings_raise_clear_errors():
+    sigmas = karras_sigmas(4)
+    x = torch.zeros(1, 1)
+    run = dict(reward=linear_reward, nfe_budget=40, disable=True)
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        sample_dts(gaussian_denoiser, x, sigmas, lam=-1.0, **run)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        sample_dts(gaussian_denoiser, x, sigmas, eta=0.0, **run)
+    with pytest.raises(ValueError, match="below one rollout"):
+        sample_dts(gaussian_denoiser, x, sigmas, reward=linear_reward, nfe_budget=3, disable=True)
+    with pytest.raises(ValueError, match="one latent at a time"):
+        sample_dts(gaussian_denoiser, x, sigmas, latent_image=torch.tensor([[0.0], [1.0]]), **run)
+
+
+def test_callback_interrupt_and_baselines():
+    sigmas = karras_sigmas(5)
+    events = []
+    out = sample_dts(
+        gaussian_denoiser, torch.zeros(2, 3), sigmas, callback=events.append, reward=linear_reward, nfe_budget=5 * 24,
+        batch_size=4, disable=True,
+    )  # fmt: skip
+    assert out.shape == (2, 3)
+    assert len(events) == 6
+    assert {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(events[0])
+    assert [e["i"] for e in events] == sorted(e["i"] for e in events) and events[-1]["i"] == 4
+    assert events[-1]["nfe"] == 5 * 24
+
+    calls = []
+    info = {}
+    sample_dts(
+        gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=5 * 24, batch_size=4,
+        disable=True, interrupt=lambda: calls.append(1) or len(calls) == 2, info=info,
+    )  # fmt: skip
+    assert info["stats"]["nfe"] == 5 * 8  # stopped after the second batch
+
+    for method in ("best-of-n", "smc"):
+        info = {}
+        out = sample_dts(
+            gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=5 * 8, method=method,
+            num_outputs=3, disable=True, info=info,
+        )  # fmt: skip
+        assert out.shape == (3, 3) and info["method"] == method and info["stats"]["nfe"] <= 40
+
+
+class UNetDenoiser:
+    """A diffusers eps-prediction UNet under the sigma contract: c_in = 1/sqrt(σ²+1), denoised = x - σ·eps."""
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: EulerDiscreteScheduler, cond: torch.Tensor):
+        self.unet, self.cond = unet, cond
+        self.log_sigmas = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt().log()
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional training timestep of each sigma, by interpolation in log sigma (k-diffusion `sigma_to_t`)."""
+        t = np.interp(sigma.log().numpy(), self.log_sigmas.numpy(), np.arange(len(self.log_sigmas)))
+        return torch.from_numpy(t).float()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        eps = self.unet(
+            x * c_in.view(-1, 1, 1, 1), self.timestep(sigma), self.cond.expand(x.shape[0], -1, -1)
+        ).sample
+        return x - sigma.view(-1, 1, 1, 1) * eps
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_parts():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    ).eval()  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return UNetDenoiser(unet, scheduler, torch.randn(1, 4, 32)), vae, scheduler
+
+
+def test_tiny_unet_search_returns_its_best_decoded_sample(tiny_sd_parts):
+    denoiser, vae, scheduler = tiny_sd_parts
+    scheduler.set_timesteps(6)
+    sigmas = scheduler.sigmas.float()
+
+    def decode(latents):
+        return (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+
+    def brightness(images):
+        assert images.shape[1:] == (3, 16, 16) and 0 <= images.min() and images.max() <= 1
+        return images.mean(dim=(1, 2, 3))
+
+    x = torch.randn(1, 4, 8, 8) * sigmas[0]
+    info = {}
+    found = sample_dts(
+        denoiser, x, sigmas, reward=brightness, decode=decode, nfe_budget=6 * 12, mode="search", lam=10.0,
+        num_outputs=3, batch_size=4, seed=3, disable=True, info=info,
+    )  # fmt: skip
+    assert found.shape == (3, 4, 8, 8) and torch.isfinite(found).all()
+    assert info["rewards"][0].item() == pytest.approx(info["best_reward"]) == info["rewards"].max().item()
+    assert torch.allclose(brightness(decode(found)), info["rewards"], atol=1e-5)
+    again = sample_dts(
+        denoiser, x, sigmas, reward=brightness, decode=decode, nfe_budget=6 * 12, mode="search", lam=10.0,
+        num_outputs=3, batch_size=4, seed=3, disable=True,
+    )  # fmt: skip
+    assert torch.equal(again, found)
