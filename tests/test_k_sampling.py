@@ -194,9 +194,7 @@ class UNetDenoiser:
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_in = 1 / (sigma**2 + 1).sqrt()
-        eps = self.unet(
-            x * c_in.view(-1, 1, 1, 1), self.timestep(sigma), self.cond.expand(x.shape[0], -1, -1)
-        ).sample
+        eps = self.unet(x * c_in.view(-1, 1, 1, 1), self.timestep(sigma), self.cond.expand(x.shape[0], -1, -1)).sample
         return x - sigma.view(-1, 1, 1, 1) * eps
 
 
@@ -225,7 +223,7 @@ def test_tiny_unet_search_returns_its_best_decoded_sample(tiny_sd_parts):
         return (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
 
     def brightness(images):
-        assert images.shape[1:] == (3, 16, 16) and 0 <= images.min() and images.max() <= 1
+        assert images.shape[1:] == (3, 16, 16) and images.min() >= 0 and images.max() <= 1
         return images.mean(dim=(1, 2, 3))
 
     x = torch.randn(1, 4, 8, 8) * sigmas[0]
