@@ -1,0 +1,7 @@
+"""diffusers pipelines with Diffusion Tree Sampling: change one import and one class name."""
+
+from .output import DTSPipelineOutput
+from .pipeline_dts import DTSPipeline
+from .pipeline_dts_xl import DTSXLPipeline
+
+__all__ = ["DTSPipeline", "DTSPipelineOutput", "DTSXLPipeline"]

@@ -1,0 +1,315 @@
+"""DTSPipeline / DTSXLPipeline on tiny random-weight SD 1.x and SDXL pipelines, saved and loaded like hub models."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from dts_diffusers import DTSPipeline, DTSPipelineOutput, DTSXLPipeline
+
+STEPS = 4
+SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def byte_level_characters() -> list[str]:
+    """GPT-2's byte-to-unicode table: every byte is one printable character of the BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [256 + i for i in range(256 - len(printable))]
+    rest = iter(shifted)
+    return [chr(b) if b in printable else chr(next(rest)) for b in range(256)]
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A character-level CLIP tokenizer built from a vocabulary written here (no hub download)."""
+    chars = byte_level_characters()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=16)
+
+
+def tiny_text_config(**extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, vocab_size=514, max_position_embeddings=16, **extra,
+    )  # fmt: skip
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+
+
+def tiny_sd() -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )  # fmt: skip
+    return StableDiffusionPipeline(
+        unet=unet, scheduler=PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, steps_offset=1), vae=tiny_vae(),
+        text_encoder=CLIPTextModel(tiny_text_config()), tokenizer=tiny_tokenizer(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def tiny_sdxl() -> StableDiffusionXLPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+    )  # fmt: skip
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_text_config(projection_dim=32)), tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False),
+        add_watermarker=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def xl_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def pipe(sd_path):
+    pipe = DTSPipeline.from_pretrained(sd_path)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class RecordingReward:
+    """Mean brightness of the image, recording what it was given."""
+
+    def __init__(self):
+        self.calls: list[tuple[torch.Tensor, list[str]]] = []
+        self.vae_dtypes: list[torch.dtype] = []
+        self.scores: list[float] = []
+        self.pipe = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.calls.append((images.clone(), list(prompts)))
+        if self.pipe is not None:
+            self.vae_dtypes.append(self.pipe.vae.dtype)
+        scores = images.mean(dim=(1, 2, 3))
+        self.scores += scores.tolist()
+        return scores
+
+
+def run(pipe, **kwargs) -> DTSPipelineOutput:
+    arguments = {
+        "prompt": "a red square",
+        "reward": RecordingReward(),
+        "num_inference_steps": STEPS,
+        "nfe_budget": 24,
+        "branch_every": 2,
+        "rollout_batch_size": 3,
+        "generator": torch.Generator().manual_seed(0),
+        "output_type": "np",
+    }
+    return pipe(**{**arguments, **kwargs})
+
+
+def test_from_pretrained_call_honours_budget_and_counts(pipe):
+    assert type(pipe) is DTSPipeline
+    out = run(pipe, output_type="pil", nfe_budget=30)
+    assert isinstance(out, DTSPipelineOutput)
+    assert len(out.images) == 1 and isinstance(out.images[0], PIL.Image.Image) and out.images[0].size == (16, 16)
+    assert 0 < out.nfe <= 30
+    assert out.unet_evals == 2 * out.nfe  # classifier-free guidance: two UNet rows per guided step
+    assert out.reward_calls == out.nfe // STEPS  # every rollout here starts at x_T or a branch and reaches x_0
+    assert out.rewards.dtype == torch.float32 and out.rewards.shape == (1,)
+    assert set(out.timings) >= {"engine", "denoise", "unet", "vae_decode", "reward", "total"}
+    assert out.timings["unet"] <= out.timings["denoise"] <= out.timings["total"]
+
+
+def test_without_guidance_one_unet_row_per_nfe(pipe):
+    out = run(pipe, guidance_scale=1.0)
+    assert out.unet_evals == out.nfe > 0
+
+
+def test_reward_gets_unit_float_images_and_the_prompts(pipe):
+    reward = RecordingReward()
+    out = run(pipe, prompt=["a cat", "a dog"], reward=reward, num_images_per_prompt=2, height=16, width=24)
+    assert out.images.shape == (4, 16, 24, 3) and len(out.trees) == 2
+    for images, prompts in reward.calls:
+        assert images.dtype == torch.float32 and images.shape[1:] == (3, 16, 24)
+        assert images.min() >= 0 and images.max() <= 1
+        assert prompts in ([prompts[0]] * len(prompts),) and prompts[0] in ("a cat", "a dog")
+    assert {prompts[0] for _, prompts in reward.calls} == {"a cat", "a dog"}
+    assert sum(len(prompts) for _, prompts in reward.calls) == out.reward_calls
+
+
+def test_same_generator_same_images(pipe):
+    first, second = run(pipe), run(pipe)
+    np.testing.assert_array_equal(first.images, second.images)
+    other = run(pipe, generator=torch.Generator().manual_seed(1))
+    assert not np.array_equal(first.images, other.images)
+
+
+@pytest.mark.parametrize(
+    ("output_type", "check"),
+    [
+        ("np", lambda x: isinstance(x, np.ndarray) and x.shape == (2, 16, 16, 3)),
+        ("pt", lambda x: isinstance(x, torch.Tensor) and x.shape == (2, 3, 16, 16) and 0 <= x.min() <= x.max() <= 1),
+        ("latent", lambda x: isinstance(x, torch.Tensor) and x.shape == (2, 4, 8, 8)),
+        ("pil", lambda x: len(x) == 2 and all(isinstance(i, PIL.Image.Image) for i in x)),
+    ],
+)
+def test_output_types(pipe, output_type, check):
+    assert check(run(pipe, output_type=output_type, num_images_per_prompt=2).images)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "options"),
+    [
+        (DDPMScheduler, {}),
+        (EulerAncestralDiscreteScheduler, {}),
+        (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    ],
+)
+def test_each_stochastic_scheduler_is_used_as_is(pipe, scheduler, options, caplog):
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config, **options)
+    out = run(pipe, output_type="latent")
+    assert torch.isfinite(out.images).all() and 0 < out.nfe <= 24
+    assert "has no stochastic step" not in caplog.text
+
+
+def test_deterministic_scheduler_switches_to_ddim_with_a_warning(sd_path, caplog):
+    pipe = DTSPipeline.from_pretrained(sd_path)  # ships PNDM, which has no stochastic step
+    pipe.set_progress_bar_config(disable=True)
+    switched = run(pipe, output_type="latent")
+    assert "PNDMScheduler has no stochastic step" in caplog.text
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    torch.testing.assert_close(run(pipe, output_type="latent").images, switched.images)
+
+
+def test_ddim_eta_zero_raises(pipe):
+    with pytest.raises(ValueError, match="eta > 0"):
+        run(pipe, eta=0.0)
+
+
+def test_continuing_a_tree_equals_one_call_with_the_whole_budget(pipe):
+    first = run(pipe, nfe_budget=16, output_type="latent")
+    continued = run(pipe, nfe_budget=16, tree=first.trees, output_type="latent")
+    assert continued.trees[0] is first.trees[0]
+    assert continued.trees[0].nfe == first.nfe + continued.nfe <= 32
+    whole = run(pipe, nfe_budget=32, output_type="latent")
+    assert continued.trees[0].stats()["nodes"] == whole.trees[0].stats()["nodes"]
+    assert continued.trees[0].nfe == whole.trees[0].nfe
+    assert continued.trees[0].best()[1] == whole.trees[0].best()[1]
+
+
+def test_search_mode_returns_the_best_leaf(pipe):
+    reward = RecordingReward()
+    out = run(pipe, mode="search", reward=reward, output_type="latent", nfe_budget=40)
+    best_latent, best_reward = out.trees[0].best()
+    torch.testing.assert_close(out.images, best_latent)
+    assert out.rewards[0].item() == pytest.approx(max(reward.scores)) == pytest.approx(best_reward)
+
+
+def test_baseline_method_under_the_same_budget(pipe):
+    out = run(pipe, method="smc", nfe_budget=24, num_images_per_prompt=2)
+    assert out.nfe == 24 and out.images.shape[0] == 2 and out.unet_evals == 2 * 24
+
+
+@pytest.mark.xfail(strict=True, reason="build_sampler lets branch_levels override best-of-n's eval_levels=[]")
+def test_best_of_n_scores_only_final_images(pipe):
+    out = run(pipe, method="best-of-n", nfe_budget=24)
+    assert out.reward_calls == 24 // STEPS
+
+
+def test_bf16_on_cpu(pipe):
+    pipe.to(torch.bfloat16)
+    out = run(pipe, output_type="latent")
+    assert out.images.dtype == torch.bfloat16 and torch.isfinite(out.images.float()).all()
+    assert out.rewards.dtype == torch.float32
+
+
+def test_callback_interrupts_with_the_best_so_far(pipe):
+    seen = []
+
+    def stop_after_first_batch(pipeline, step, nfe, tensors):
+        seen.append((step, nfe, tensors["latents"].shape))
+        pipeline._interrupt = True
+        return {}
+
+    out = run(pipe, nfe_budget=200, callback_on_step_end=stop_after_first_batch, output_type="latent")
+    assert seen == [(0, out.nfe, (1, 4, 8, 8))]
+    assert out.nfe < 200 and out.images.shape == (1, 4, 8, 8)
+
+
+def test_from_pipe_to_and_scheduler_swap(sd_path):
+    plain = StableDiffusionPipeline.from_pretrained(sd_path)
+    pipe = DTSPipeline.from_pipe(plain).to("cpu")
+    assert type(pipe) is DTSPipeline and pipe.unet is plain.unet
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    assert run(pipe).images.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"nfe_budget": STEPS - 1}, ValueError, "below one rollout"),
+        ({"lam": -1.0}, ValueError, "lam must be >= 0"),
+        ({"height": 15}, ValueError, "divisible by the VAE scale factor 2"),
+        ({"latents": torch.zeros(1, 4, 8, 8)}, ValueError, "latents= is not supported"),
+        ({"ip_adapter_image": PIL.Image.new("RGB", (8, 8))}, ValueError, "IP-Adapter"),
+        ({"timesteps": [999, 500]}, ValueError, "custom schedules"),
+        ({"no_such_argument": 1}, TypeError, "unexpected keyword argument 'no_such_argument'"),
+        ({"mode": "best"}, ValueError, "mode must be"),
+        ({"reward": None}, ValueError, "reward is required"),
+        ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError, "only 'latents'"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(pipe, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        run(pipe, **kwargs)
+
+
+def test_sdxl_from_pretrained_decodes_in_float32_when_the_vae_is_fp16(xl_path):
+    pipe = DTSXLPipeline.from_pretrained(xl_path)
+    pipe.set_progress_bar_config(disable=True)
+    reward = RecordingReward()
+    out = run(pipe, reward=reward, num_images_per_prompt=2)
+    assert out.images.shape == (2, 16, 16, 3) and out.unet_evals == 2 * out.nfe
+    assert {p for _, prompts in reward.calls for p in prompts} == {"a red square"}
+    pipe.vae.to(torch.float16)
+    reward.pipe = pipe
+    run(pipe, reward=reward, output_type="latent")
+    assert set(reward.vae_dtypes) == {torch.float32}
+    assert pipe.vae.dtype == torch.float16
+
+
+def test_sdxl_same_generator_same_images(xl_path):
+    pipe = DTSXLPipeline.from_pretrained(xl_path)
+    pipe.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(pipe).images, run(pipe).images)
