@@ -105,7 +105,6 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
-        reward = resolve_reward(reward)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -113,6 +112,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         self._denoising_end = None
         self._interrupt = False
         device = self._execution_device
+        reward = resolve_reward(reward, device)
         timer = PhaseTimer(device)
         counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
         call_start = time.perf_counter()

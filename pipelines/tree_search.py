@@ -19,6 +19,7 @@ from diffusers.utils import logging
 
 from dts_diffusers.engine import check_lambda, default_branch_levels
 from dts_diffusers.methods import METHODS, build_sampler
+from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, SchedulerTransition, stochastic_kind
 
 logger = logging.get_logger(__name__)
@@ -33,21 +34,16 @@ UNSUPPORTED_ARGUMENTS = {
     "callback": "use callback_on_step_end",
     "callback_steps": "use callback_on_step_end",
 }
-Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
 
-def resolve_reward(reward) -> Reward:
-    """A callable `(images, prompts) -> Tensor[B]` as is; a registered name or reward object through `as_reward`."""
+def resolve_reward(reward, device: torch.device) -> Reward:
+    """A registered name (loaded on `device`), a `{name: weight}` mapping, a reward object or a callable."""
     if reward is None:
         raise ValueError(
-            "reward is required: a registered reward name, a reward object, or a callable (images, prompts) -> "
-            "Tensor[B] with images float32 in [0, 1]"
+            f"reward is required: a registered name ({', '.join(reward_names())}), a reward object, or a callable "
+            "(images, prompts) -> Tensor[B] taking float32 images in [0, 1]"
         )
-    if callable(reward) and not isinstance(reward, str):
-        return reward
-    from dts_diffusers.rewards import as_reward
-
-    return as_reward(reward)
+    return as_reward(reward, device=device)
 
 
 def tree_levels(num_inference_steps: int, branch_every: int | None, branch_levels) -> list[int]:

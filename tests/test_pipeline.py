@@ -167,6 +167,11 @@ def test_reward_gets_unit_float_images_and_the_prompts(pipe):
     assert sum(len(prompts) for _, prompts in reward.calls) == out.reward_calls
 
 
+def test_registered_reward_by_name(pipe):
+    out = run(pipe, reward="jpeg-compressibility", mode="search", output_type="latent")
+    assert out.rewards.dtype == torch.float32 and out.rewards[0] == out.trees[0].best()[1]
+
+
 def test_same_generator_same_images(pipe):
     first, second = run(pipe), run(pipe)
     np.testing.assert_array_equal(first.images, second.images)
@@ -287,6 +292,7 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
         ({"no_such_argument": 1}, TypeError, "unexpected keyword argument 'no_such_argument'"),
         ({"mode": "best"}, ValueError, "mode must be"),
         ({"reward": None}, ValueError, "reward is required"),
+        ({"reward": "no-such-reward"}, ValueError, "unknown reward 'no-such-reward'"),
         ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError, "only 'latents'"),
     ],
 )
