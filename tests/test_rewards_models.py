@@ -1,0 +1,273 @@
+"""Model-backed rewards on tiny random weights saved to disk, loaded through the same code as the hub path."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
+
+from dts_diffusers.rewards import load_reward
+from dts_diffusers.rewards.clip import AESTHETIC_FILE, aesthetic_head
+from dts_diffusers.rewards.image_reward import (
+    KEY_PREFIXES,
+    MED_CONFIG_FILE,
+    UNUSED_KEYS,
+    ImageRewardModel,
+    convert_to_safetensors,
+)
+from dts_diffusers.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+PROMPTS = ["a cat", "a dog", "a red cat", "dog and cat", "a cat"]
+
+
+def save_tiny_clip(directory, seed: int, image_size: int = 32, resize: int = 32) -> None:
+    """A 2-layer CLIP with a letter-level BPE tokenizer and a CLIP-style preprocessor config (resize, then crop)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["<|startoftext|>", "<|endoftext|>", "<unk>", *LETTERS, *(c + "</w>" for c in LETTERS), "ca", "cat</w>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (directory / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    tokenizer.save_pretrained(directory)
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1}
+    text |= {"pad_token_id": 1}
+    vision = {"image_size": image_size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64}
+    vision |= {"num_hidden_layers": 2, "num_attention_heads": 2}
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(directory)
+    processor = {
+        "size": {"shortest_edge": resize},
+        "crop_size": {"height": image_size, "width": image_size},
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "CLIPImageProcessor",
+    }
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor))
+
+
+def save_tiny_image_reward(directory, seed: int = 0) -> None:
+    """An ImageReward.pt in the reference checkpoint's key layout (incl. the keys the score ignores)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["a", "cat", "dog", "red", "and", "on", "the", "photo"]
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    med_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 40,
+        "pad_token_id": 0,
+        "vocab_size": 5 + len(words) + 2,
+        "hidden_act": "gelu",
+        "encoder_width": 768,
+        "add_cross_attention": True,
+    }
+    (directory / MED_CONFIG_FILE).write_text(json.dumps(med_config))
+    vision = {"image_size": 32, "patch_size": 16, "width": 64, "depth": 2, "num_heads": 1, "mlp_hidden": 128}
+    torch.manual_seed(seed)
+    model = ImageRewardModel(med_config, vision)
+    to_reference = {ours: theirs for theirs, ours in KEY_PREFIXES.items()}
+    state = {}
+    for key, value in model.state_dict().items():
+        prefix = next(p for p in to_reference if key.startswith(p))
+        state[to_reference[prefix] + key[len(prefix) :]] = value + 0.2 * torch.randn_like(value)
+    state |= {key: torch.zeros(3) for key in UNUSED_KEYS}
+    torch.save(state, directory / "ImageReward.pt")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reward-weights")
+    save_tiny_clip(root / "clip", seed=0)
+    save_tiny_clip(root / "pickscore", seed=1)
+    save_tiny_clip(root / "pickscore-processor", seed=2, resize=36)  # resize to 36 px, then crop 32
+    (root / "pickscore-processor" / "model.safetensors").unlink()
+    aesthetic = root / "aesthetic"
+    aesthetic.mkdir()
+    torch.manual_seed(3)
+    head = aesthetic_head(16)
+    torch.save(
+        {"layers." + k: torch.randn_like(v) * 0.3 for k, v in head.state_dict().items()}, aesthetic / AESTHETIC_FILE
+    )
+    save_tiny_image_reward(root / "image-reward")
+    return root
+
+
+def build(name: str, root, **kwargs):
+    paths = {
+        "clip": {"pretrained_model_name_or_path": root / "clip"},
+        "pickscore": {
+            "pretrained_model_name_or_path": root / "pickscore",
+            "processor_name_or_path": root / "pickscore-processor",
+        },
+        "aesthetic": {"pretrained_model_name_or_path": root / "aesthetic", "clip_model_name_or_path": root / "clip"},
+        "image-reward": {
+            "pretrained_model_name_or_path": root / "image-reward",
+            "tokenizer_name_or_path": root / "image-reward",
+        },
+    }
+    return load_reward(name, **paths[name], **kwargs)
+
+
+def images_for(count: int, seed: int = 0, size: int = 40) -> torch.Tensor:
+    return torch.rand(count, 3, size, size + 8, generator=torch.Generator().manual_seed(seed))
+
+
+MODEL_REWARDS = ["clip", "pickscore", "aesthetic", "image-reward"]
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_scores_follow_their_images_and_batches_equal_single_calls(weights, name):
+    reward = build(name, weights)
+    images = images_for(len(PROMPTS))
+    scores = reward(images, PROMPTS)
+    assert scores.shape == (len(PROMPTS),) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert scores.std() > 0  # different images get different scores: the weights are not degenerate
+
+    order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(1))
+    shuffled = reward(images[order], [PROMPTS[i] for i in order])
+    torch.testing.assert_close(shuffled, scores[order], atol=1e-5, rtol=1e-5)
+
+    singles = torch.cat([reward(images[i : i + 1], [PROMPTS[i]]) for i in range(len(PROMPTS))])
+    torch.testing.assert_close(singles, scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip", "pickscore", "image-reward"])
+def test_prompt_changes_the_score_and_text_work_is_cached(weights, name):
+    reward = build(name, weights)
+    image = images_for(1).expand(2, -1, -1, -1)
+    scores = reward(image, ["a cat", "dog on the red"])
+    assert not torch.allclose(scores[0], scores[1])
+    cache = reward._token_cache if name == "image-reward" else reward._text_cache
+    assert set(cache) == {"a cat", "dog on the red"}
+    torch.testing.assert_close(reward(image, ["a cat", "dog on the red"]), scores)
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_bfloat16_model_gives_float32_scores_close_to_float32(weights, name):
+    images = images_for(3, seed=2)
+    reference = build(name, weights)(images, PROMPTS[:3])
+    reward = build(name, weights, dtype=torch.bfloat16, device="cpu")
+    assert reward.dtype == torch.bfloat16 and reward.device.type == "cpu"
+    scores = reward(images, PROMPTS[:3])
+    assert scores.dtype == torch.float32 and scores.device == images.device
+    scale = reference.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(scores, reference, atol=0.05 * scale.item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_differentiable_path_gives_image_gradients(weights, name):
+    images = images_for(2, seed=3).requires_grad_(True)
+    plain = build(name, weights)
+    assert not plain(images, PROMPTS[:2]).requires_grad
+    reward = build(name, weights, differentiable=True)
+    reward(images, PROMPTS[:2]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in reward.parameters())
+
+
+def test_weighted_sum_of_model_rewards(weights):
+    images = images_for(3, seed=4)
+    paths = {
+        "image-reward": {
+            "pretrained_model_name_or_path": weights / "image-reward",
+            "tokenizer_name_or_path": weights / "image-reward",
+        },
+        "aesthetic": {
+            "pretrained_model_name_or_path": weights / "aesthetic",
+            "clip_model_name_or_path": weights / "clip",
+        },
+    }
+    combined = load_reward({"image-reward": 1.0, "aesthetic": 0.1}, reward_kwargs=paths)
+    expected = build("image-reward", weights)(images, PROMPTS[:3]) + 0.1 * build("aesthetic", weights)(images)
+    torch.testing.assert_close(combined(images, PROMPTS[:3]), expected)
+
+
+def test_aesthetic_needs_no_prompt(weights):
+    reward = build("aesthetic", weights)
+    images = images_for(2)
+    torch.testing.assert_close(reward(images), reward(images, ["ignored", "too"]))
+
+
+def test_image_reward_loads_from_safetensors_and_files(weights, tmp_path):
+    images = images_for(3, seed=5)
+    expected = build("image-reward", weights)(images, PROMPTS[:3])
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    convert_to_safetensors(weights / "image-reward" / "ImageReward.pt", converted / "ImageReward.safetensors")
+    (converted / MED_CONFIG_FILE).write_text((weights / "image-reward" / MED_CONFIG_FILE).read_text())
+    reward = load_reward(
+        "image-reward", pretrained_model_name_or_path=converted, tokenizer_name_or_path=weights / "image-reward"
+    )
+    torch.testing.assert_close(reward(images, PROMPTS[:3]), expected)
+    from_file = load_reward(
+        "image-reward",
+        pretrained_model_name_or_path=weights / "image-reward" / "ImageReward.pt",
+        tokenizer_name_or_path=weights / "image-reward",
+    )
+    torch.testing.assert_close(from_file(images, PROMPTS[:3]), expected)
+
+
+def test_image_reward_tokenizer_matches_the_reference_setup(weights):
+    tokenizer = build("image-reward", weights).tokenizer
+    assert isinstance(tokenizer, BertTokenizer)
+    vocab_size = json.loads((weights / "image-reward" / MED_CONFIG_FILE).read_text())["vocab_size"]
+    assert tokenizer.bos_token == "[DEC]" and tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [
+        vocab_size - 2,
+        vocab_size - 1,
+    ]
+    assert len(tokenizer) == vocab_size
+    encoded = tokenizer(["a cat", "the red dog"], padding="max_length", truncation=True, max_length=35)
+    assert [ids[:4] for ids in encoded.input_ids] == [[2, 5, 6, 3], [2, 11, 8, 7]]  # [CLS] ... [SEP], then [PAD]
+    assert len(encoded.input_ids[0]) == 35 and encoded.input_ids[0][4:] == [0] * 31
+
+
+def test_image_reward_rejects_unknown_and_missing_keys(weights, tmp_path):
+    state = torch.load(weights / "image-reward" / "ImageReward.pt", weights_only=True)
+    for name, broken in {
+        "extra": state | {"blip.decoder.weight": torch.zeros(1)},
+        "missing": {k: v for k, v in state.items() if k != "mlp.layers.0.bias"},
+    }.items():
+        directory = tmp_path / name
+        directory.mkdir()
+        torch.save(broken, directory / "ImageReward.pt")
+        (directory / MED_CONFIG_FILE).write_text((weights / "image-reward" / MED_CONFIG_FILE).read_text())
+        match = "unexpected keys.*blip.decoder.weight" if name == "extra" else r"missing \['head.0.bias'\]"
+        with pytest.raises(ValueError, match=match):
+            load_reward(
+                "image-reward", pretrained_model_name_or_path=directory, tokenizer_name_or_path=weights / "image-reward"
+            )
+
+
+@pytest.mark.parametrize(
+    ("name", "repo", "filename"),
+    [
+        ("image-reward", "THUDM/ImageReward", "ImageReward.pt"),
+        ("aesthetic", "camenduru/improved-aesthetic-predictor", AESTHETIC_FILE),
+        ("clip", "openai/clip-vit-large-patch14", "model.safetensors"),
+        ("pickscore", "yuvalkirstain/PickScore_v1", "model.safetensors"),
+    ],
+)
+def test_offline_missing_weights_error_names_repo_file_and_local_option(name, repo, filename, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(OSError) as error:
+        load_reward(name, local_files_only=True)
+    message = str(error.value)
+    assert repo in message and filename in message and "pretrained_model_name_or_path=" in message
+
+
+def test_local_directory_without_the_file_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'ImageReward.pt' is not in the directory"):
+        load_reward("image-reward", pretrained_model_name_or_path=tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None, reason="open_clip is installed")
+def test_hpsv2_without_open_clip_says_how_to_install():
+    with pytest.raises(ImportError, match=r"dts-diffusers\[hpsv2\]"):
+        load_reward("hpsv2")
