@@ -1,7 +1,7 @@
 """Classifier rewards: log p(target | x) from any image classifier, and the MNIST digit classifier by name.
 
-The classifier is a torch module (or a TorchScript / `torch.export` file, which carry their own architecture and so
-load without unpickling arbitrary code) mapping images in [0, 1] to logits.
+The classifier is a torch module, or a `torch.export` file (`torch.export.save(..., "classifier.pt2")`, which carries
+its own graph and so loads without unpickling arbitrary code), mapping images in [0, 1] to logits [B, num_classes].
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ def load_classifier_module(path: str | os.PathLike) -> nn.Module:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"classifier file {path!r} does not exist; pass a torch module or a saved file")
-    if path.endswith(".pt2"):
-        return torch.export.load(path).module()
-    return torch.jit.load(path, map_location="cpu")
+    if not path.endswith(".pt2"):
+        raise ValueError(
+            f"cannot load the classifier {path!r}: pass a torch module, or a file written by torch.export.save "
+            f"(a .pt2 exported in eval mode with a dynamic batch dimension)"
+        )
+    return torch.export.load(path).module()
 
 
 class ClassifierReward(Reward):
@@ -36,7 +39,7 @@ class ClassifierReward(Reward):
         super().__init__()
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS} (got {output!r})")
-        self.classifier = classifier.eval().requires_grad_(False)
+        self.classifier = classifier.requires_grad_(False)
         self.target = int(target)
         self.output = output
         self.image_size = image_size
@@ -69,7 +72,7 @@ def load_classifier_reward(
     """`load_reward("classifier", classifier=module_or_path, target=k)`."""
     if classifier is None or target is None:
         raise ValueError("the 'classifier' reward needs classifier=<torch module or file> and target=<class index>")
-    module = classifier if isinstance(classifier, nn.Module) else load_classifier_module(classifier)
+    module = classifier.eval() if isinstance(classifier, nn.Module) else load_classifier_module(classifier)
     return ClassifierReward(module, target, output, image_size).to(device=device, dtype=dtype)
 
 
@@ -79,6 +82,6 @@ def load_digit_reward(device=None, dtype=None, digit: int | None = None, which: 
         raise ValueError(f"the 'digit-classifier' reward needs digit=<0..9> (got {digit!r})")
     from dts_diffusers.digits import load_digit_classifier
 
-    reward = ClassifierReward(load_digit_classifier(which=which, device=device), int(digit))
+    reward = ClassifierReward(load_digit_classifier(which=which, device=device).eval(), int(digit))
     reward.name = f"digit-classifier[{int(digit)}]"
     return reward.to(device=device, dtype=dtype)
