@@ -1,0 +1,7 @@
+"""ComfyUI nodes for DTS / DTS*: DTS Reward Loader, DTS Sampler (KSampler-shaped) and DTS SAMPLER (for
+SamplerCustomAdvanced). `NODE_CLASS_MAPPINGS` works everywhere; `comfy_entrypoint` (V3 schema) where ComfyUI has
+`comfy_api.latest`."""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

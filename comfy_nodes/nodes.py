@@ -1,0 +1,188 @@
+"""The node classes (ComfyUI's classic schema). They import without ComfyUI; the work is in `.sampling`.
+
+Inputs that bound a value (λ ≥ 0, budget ≥ 1) are enforced by ComfyUI's prompt validation; the rest (a budget below
+one rollout, eta = 0, missing reward weights) raise inside the node's function, so ComfyUI reports a node error.
+"""
+
+from __future__ import annotations
+
+from dts_diffusers.methods import METHODS
+
+from . import sampling
+
+CATEGORY = "sampling/dts"
+# ComfyUI 0.8.0's scheduler names, used when ComfyUI is not importable (CI, docs).
+FALLBACK_SCHEDULERS = [
+    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+    "kl_optimal",
+]  # fmt: skip
+BASELINES = [m for m in METHODS if m not in ("dts", "dts*")]
+
+
+def scheduler_names() -> list[str]:
+    try:
+        import comfy.samplers
+    except ImportError:
+        return list(FALLBACK_SCHEDULERS)
+    return list(comfy.samplers.SCHEDULER_NAMES)
+
+
+def reward_names() -> list[str]:
+    from dts_diffusers.rewards import reward_names as names
+
+    return names()
+
+
+def search_inputs() -> dict:
+    """Inputs shared by DTS Sampler and DTS SAMPLER: the tree's target and budget."""
+    return {
+        "mode": (["sample", "search"], {"default": "sample", "tooltip": "sample: DTS draws from p·exp(λ·r); "
+                                        "search: DTS* returns the best samples found"}),
+        "lam": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10000.0, "step": 0.1, "round": False,
+                          "tooltip": "λ, the reward's strength; 0 samples the model unchanged"}),
+        "nfe_budget": ("INT", {"default": 160, "min": 1, "max": 1000000, "tooltip": "model evaluations in total "
+                               "(one denoising step of one sample); at least the number of steps"}),
+        "eta": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "round": False, "tooltip":
+                          "ancestral noise of each step; the tree branches on it, so it must be > 0"}),
+    }  # fmt: skip
+
+
+def advanced_inputs() -> dict:
+    return {
+        "branch_every": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "branch every N steps; 0 = at "
+                                 "x_T and four more evenly spaced levels (the paper's schedule)"}),
+        "pw_c": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "progressive "
+                           "widening C"}),
+        "pw_alpha": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "progressive "
+                               "widening α: a node with n visits has at most C·n^α children"}),
+        "c_uct": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "UCT exploration "
+                            "(search mode)"}),
+        "rollout_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "rollouts denoised together"}),
+        "baseline": (["none", *BASELINES], {"default": "none", "tooltip": "run a particle baseline instead of the "
+                                            "tree, under the same budget"}),
+    }  # fmt: skip
+
+
+def tree_options(mode, lam, eta, branch_every=0, pw_c=2.0, pw_alpha=0.8, c_uct=1.0, rollout_batch=4, baseline="none"):
+    """Node inputs → `sample_dts` keywords."""
+    return {
+        "mode": mode,
+        "method": None if baseline == "none" else baseline,
+        "lam": lam,
+        "eta": eta,
+        "branch_every": branch_every or None,
+        "pw_c": pw_c,
+        "pw_alpha": pw_alpha,
+        "c_uct": c_uct,
+        "batch_size": rollout_batch,
+    }
+
+
+class DTSRewardLoader:
+    DESCRIPTION = "Load a reward model for DTS from ComfyUI/models/dts_rewards or the local Hugging Face cache."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("DTS_REWARD",)
+    RETURN_NAMES = ("reward",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = reward_names()
+        return {
+            "required": {
+                "reward_name": (names, {"default": "image-reward" if "image-reward" in names else names[0]}),
+                "weights": (sampling.reward_weight_choices(), {"default": sampling.HUB_CACHE, "tooltip":
+                            "a file or folder in models/dts_rewards, the hub cache, or (none) for rewards without "
+                            "weights"}),
+                "device": (["auto", "cpu"], {"default": "auto"}),
+                "dtype": (list(sampling.DTYPES), {"default": "auto"}),
+            },
+            "optional": {
+                "options": ("STRING", {"default": "", "multiline": False, "tooltip": 'loader arguments as JSON, '
+                            'e.g. {"digit": 3}'}),
+            },
+        }  # fmt: skip
+
+    def load(self, reward_name, weights, device, dtype, options=""):
+        return (sampling.load_reward_for_comfy(reward_name, weights, device, dtype, options),)
+
+
+class DTSSampler:
+    DESCRIPTION = (
+        "KSampler with Diffusion Tree Sampling: spends an NFE budget growing a tree of denoising paths scored by the "
+        "reward, then draws the outputs from p·exp(λ·r) (sample) or returns the best found (search, DTS*)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT", "FLOAT", "STRING")
+    RETURN_NAMES = ("latent", "rewards", "summary")
+    OUTPUT_IS_LIST = (False, True, False)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+                "latent_image": ("LATENT",),
+                "vae": ("VAE", {"tooltip": "decodes rollouts for the reward"}),
+                "reward": ("DTS_REWARD",),
+                "reward_prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "the prompt the reward "
+                                  "scores against (usually the positive prompt)"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+                "scheduler": (scheduler_names(), {"default": "karras"}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                **search_inputs(),
+                "num_outputs": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "samples drawn from the tree"}),
+            },
+            "optional": advanced_inputs(),
+        }  # fmt: skip
+
+    def sample(self, model, positive, negative, latent_image, vae, reward, reward_prompt, seed, steps, cfg, scheduler,
+               denoise, mode, lam, nfe_budget, eta, num_outputs, **advanced):  # fmt: skip
+        latent, rewards, summary = sampling.run_dts_sampler(
+            model, positive, negative, latent_image, vae, reward, reward_prompt, seed, steps, cfg, scheduler, denoise,
+            nfe_budget, num_outputs, **tree_options(mode, lam, eta, **advanced),
+        )  # fmt: skip
+        return {"ui": {"text": [summary], "rewards": rewards}, "result": (latent, rewards, summary)}
+
+
+class DTSSamplerSelect:
+    DESCRIPTION = (
+        "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that runs DTS: any GUIDER, SIGMAS and NOISE; returns as "
+        "many samples as the latent batch."
+    )
+    CATEGORY = "sampling/custom_sampling/samplers"
+    RETURN_TYPES = ("SAMPLER",)
+    FUNCTION = "get_sampler"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("VAE",),
+                "reward": ("DTS_REWARD",),
+                "reward_prompt": ("STRING", {"default": "", "multiline": True}),
+                **search_inputs(),
+            },
+            "optional": advanced_inputs(),
+        }
+
+    def get_sampler(self, vae, reward, reward_prompt, mode, lam, nfe_budget, eta, **advanced):
+        options = tree_options(mode, lam, eta, **advanced)
+        return (sampling.dts_ksampler(vae, reward, reward_prompt, nfe_budget=nfe_budget, **options),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "DTSRewardLoader": DTSRewardLoader,
+    "DTSSampler": DTSSampler,
+    "DTSSamplerSelect": DTSSamplerSelect,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DTSRewardLoader": "DTS Reward Loader",
+    "DTSSampler": "DTS Sampler",
+    "DTSSamplerSelect": "DTS SAMPLER",
+}

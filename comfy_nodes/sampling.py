@@ -1,0 +1,247 @@
+"""ComfyUI glue for `sample_dts`: a `SAMPLER` function, the KSampler-shaped run, and reward loading.
+
+ComfyUI is imported inside the functions only, so the node classes (and CI) import without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import torch
+
+from dts_diffusers.k_sampling import sample_dts
+
+REWARD_FOLDER = "dts_rewards"
+HUB_CACHE = "(hub cache)"
+NO_WEIGHTS = "(none)"
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
+
+
+def register_reward_folder() -> None:
+    """Register `models/dts_rewards` with ComfyUI's folder_paths (weights of reward models go there)."""
+    import folder_paths
+
+    if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
+        path = os.path.join(folder_paths.models_dir, REWARD_FOLDER)
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = ([path], {""})
+
+
+def reward_weight_choices() -> list[str]:
+    """Files and folders (a transformers model is a folder) found in every registered `dts_rewards` path."""
+    choices = [NO_WEIGHTS, HUB_CACHE]
+    try:
+        import folder_paths
+    except ImportError:
+        return choices
+    register_reward_folder()
+    for root in folder_paths.get_folder_paths(REWARD_FOLDER):
+        if os.path.isdir(root):
+            choices += sorted(name for name in os.listdir(root) if not name.startswith("."))
+    return choices
+
+
+def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: str, options: str):
+    """Build a registered reward; weights come from `models/dts_rewards/<weights>` or the local hub cache."""
+    import inspect
+
+    from dts_diffusers.rewards import load_reward
+    from dts_diffusers.rewards.base import _factory
+
+    kwargs = json.loads(options) if options.strip() else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'options must be a JSON object of loader arguments, e.g. {{"digit": 3}} (got {options!r})')
+    parameters = inspect.signature(_factory(reward_name)).parameters
+    if weights not in (NO_WEIGHTS, HUB_CACHE):
+        if "pretrained_model_name_or_path" not in parameters:
+            raise ValueError(f"the {reward_name!r} reward takes no weights; set weights to {NO_WEIGHTS!r}")
+        import folder_paths
+
+        register_reward_folder()
+        path = next(
+            (
+                os.path.join(root, weights)
+                for root in folder_paths.get_folder_paths(REWARD_FOLDER)
+                if os.path.exists(os.path.join(root, weights))
+            ),
+            None,
+        )
+        if path is None:
+            raise FileNotFoundError(
+                f"reward weights {weights!r} not found in {folder_paths.get_folder_paths(REWARD_FOLDER)}; put the file "
+                f"or folder in ComfyUI/models/{REWARD_FOLDER}/"
+            )
+        kwargs["pretrained_model_name_or_path"] = path
+    if "local_files_only" in parameters:
+        kwargs.setdefault("local_files_only", True)  # never download from inside a workflow
+    torch_device = _reward_device(device)
+    try:
+        return load_reward(reward_name, device=torch_device, dtype=DTYPES[dtype], **kwargs)
+    except OSError as err:
+        raise OSError(
+            f"{err}\nIn ComfyUI: put the weights in ComfyUI/models/{REWARD_FOLDER}/ and pick them in 'weights'."
+        ) from err
+
+
+def _reward_device(device: str) -> torch.device:
+    import comfy.model_management
+
+    if device == "cpu":
+        return torch.device("cpu")
+    return comfy.model_management.get_torch_device()
+
+
+def _vae_decoder(vae, base_model):
+    """Latents as the sampler holds them (model space) → images [B, 3, H, W] in [0, 1] through the graph's VAE."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode(base_model.process_latent_out(latents.float()))
+        if images.ndim == 5:  # video VAEs give [B, T, H, W, C]; score the first frame
+            images = images[:, 0]
+        return images[..., :3].movedim(-1, 1).float()
+
+    return decode
+
+
+def comfy_sample_dts(
+    model,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    vae,
+    reward,
+    reward_prompt: str = "",
+    progress=None,
+    **options,
+) -> torch.Tensor:
+    """The `SAMPLER` function: ComfyUI's `model` (KSamplerX0Inpaint) and `noise` (x noised for sigmas[0]).
+
+    The tree batches rows freely, so the inpainting state ComfyUI stores per latent row is narrowed to the one latent
+    every root child starts from. `progress(dict)`, when given, replaces ComfyUI's per-step callback (it sees the
+    NFE spent, not steps).
+    """
+    import comfy.model_management
+
+    extra_args = dict(extra_args or {})
+    if getattr(model, "latent_image", None) is not None:
+        model.latent_image = model.latent_image[:1]
+    if getattr(model, "noise", None) is not None:
+        model.noise = model.noise[:1]
+    if extra_args.get("denoise_mask") is not None:
+        extra_args["denoise_mask"] = extra_args["denoise_mask"][:1]
+    base_model = model.inner_model.inner_model
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        return reward(images, reward_prompt)
+
+    return sample_dts(
+        model,
+        noise,
+        sigmas,
+        extra_args,
+        progress or callback,
+        disable,
+        reward=score,
+        decode=_vae_decoder(vae, base_model),
+        interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        **options,
+    )
+
+
+def dts_ksampler(vae, reward, reward_prompt: str, **options):
+    """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running DTS with the reward bound."""
+    import comfy.samplers
+
+    check_options(options)
+    extra = {"vae": vae, "reward": reward, "reward_prompt": reward_prompt, **options}
+    return comfy.samplers.KSAMPLER(comfy_sample_dts, extra_options=extra)
+
+
+def check_options(options: dict) -> None:
+    """Fail at the node with a clear message before any model work."""
+    from dts_diffusers.engine import check_lambda
+
+    check_lambda(options.get("lam", 1.0))
+    if not options.get("eta", 1.0) > 0:
+        raise ValueError(
+            "eta must be > 0: DTS branches on the fresh noise of each ancestral step, and eta=0 is deterministic "
+            "(every child would be identical); use eta=1"
+        )
+
+
+def run_dts_sampler(
+    model,
+    positive,
+    negative,
+    latent: dict,
+    vae,
+    reward,
+    reward_prompt: str,
+    seed: int,
+    steps: int,
+    cfg: float,
+    scheduler: str,
+    denoise: float,
+    nfe_budget: int,
+    num_outputs: int,
+    **options,
+) -> tuple[dict, list[float], str]:
+    """KSampler with DTS: returns the LATENT of `num_outputs` drawn samples, their rewards and a summary line."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
+    check_options(options)
+    if nfe_budget < steps:
+        raise ValueError(
+            f"nfe_budget={nfe_budget} is below one rollout: one sample costs steps={steps} NFE; give at least {steps} "
+            f"(e.g. {steps * 8} for 8 rollouts)"
+        )
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    latent_image = latent_image[:1].expand(num_outputs, *latent_image.shape[1:]).contiguous()
+    noise = comfy.sample.prepare_noise(latent_image, seed)
+    noise_mask = latent.get("noise_mask")
+    sigmas = comfy.samplers.KSampler(
+        model, steps=steps, device=model.load_device, sampler="euler_ancestral", scheduler=scheduler, denoise=denoise,
+        model_options=model.model_options,
+    ).sigmas  # fmt: skip
+    if len(sigmas) < 2:
+        raise ValueError(f"denoise={denoise} leaves no step to take; use denoise > 0")
+    info: dict = {}
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    bar = comfy.utils.ProgressBar(nfe_budget)
+
+    def progress(state: dict) -> None:
+        preview = previewer.decode_latent_to_preview_image("JPEG", state["denoised"]) if previewer else None
+        bar.update_absolute(state["nfe"], nfe_budget, preview)
+
+    sampler = dts_ksampler(
+        vae, reward, reward_prompt, nfe_budget=nfe_budget, num_outputs=num_outputs, progress=progress, info=info,
+        seed=seed, **options,
+    )  # fmt: skip
+    samples = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sigmas, positive, negative, latent_image, noise_mask=noise_mask,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+    )  # fmt: skip
+    comfy.model_management.soft_empty_cache()
+    out = {key: value for key, value in latent.items() if key not in ("samples", "batch_index")}
+    out["samples"] = samples
+    rewards = [float(r) for r in info["rewards"]]
+    return out, rewards, summarize(info, nfe_budget)
+
+
+def summarize(info: dict, nfe_budget: int) -> str:
+    stats = info["stats"]
+    rewards = ", ".join(f"{r:.4f}" for r in info["rewards"].tolist())
+    return (
+        f"{info['method'].upper()}: rewards [{rewards}]; best found {info['best_reward']:.4f}; "
+        f"NFE {stats['nfe']}/{nfe_budget}; reward evaluations {stats['reward_evals']}"
+    )
