@@ -113,7 +113,7 @@ def pipeline_class_for(model: str):
     """DTSXLPipeline when the model_index names an SDXL pipeline, DTSPipeline otherwise."""
     from diffusers import DiffusionPipeline
 
-    from dts_diffusers.pipelines import DTSPipeline, DTSXLPipeline
+    from dts_diffusers import DTSPipeline, DTSXLPipeline
 
     config = DiffusionPipeline.load_config(model)
     return DTSXLPipeline if "XL" in config.get("_class_name", "") else DTSPipeline
@@ -167,7 +167,9 @@ def reward_name(args: argparse.Namespace) -> str:
         return args.reward
     if is_bundled(args):
         return DEFAULT_REWARD_FOR_BUNDLED
-    raise CLIError("--reward is required with --model; see dts_diffusers.rewards for the registered names")
+    from dts_diffusers.rewards import reward_names
+
+    raise CLIError(f"--reward is required with --model; one of: {', '.join(reward_names())}")
 
 
 def load_named_reward(name: str, digit: int | None, device):
