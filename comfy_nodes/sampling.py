@@ -87,10 +87,10 @@ def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: st
 
 
 def _reward_device(device: str) -> torch.device:
-    import comfy.model_management
-
     if device == "cpu":
         return torch.device("cpu")
+    import comfy.model_management
+
     return comfy.model_management.get_torch_device()
 
 
@@ -156,9 +156,9 @@ def comfy_sample_dts(
 
 def dts_ksampler(vae, reward, reward_prompt: str, **options):
     """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running DTS with the reward bound."""
+    check_options(options)
     import comfy.samplers
 
-    check_options(options)
     extra = {"vae": vae, "reward": reward, "reward_prompt": reward_prompt, **options}
     return comfy.samplers.KSAMPLER(comfy_sample_dts, extra_options=extra)
 
@@ -193,18 +193,18 @@ def run_dts_sampler(
     **options,
 ) -> tuple[dict, list[float], str]:
     """KSampler with DTS: returns the LATENT of `num_outputs` drawn samples, their rewards and a summary line."""
-    import comfy.model_management
-    import comfy.sample
-    import comfy.samplers
-    import comfy.utils
-    import latent_preview
-
     check_options(options)
     if nfe_budget < steps:
         raise ValueError(
             f"nfe_budget={nfe_budget} is below one rollout: one sample costs steps={steps} NFE; give at least {steps} "
             f"(e.g. {steps * 8} for 8 rollouts)"
         )
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.utils
+    import latent_preview
+
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     latent_image = latent_image[:1].expand(num_outputs, *latent_image.shape[1:]).contiguous()
     noise = comfy.sample.prepare_noise(latent_image, seed)
