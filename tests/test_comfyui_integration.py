@@ -1,0 +1,188 @@
+"""The node pack inside a real ComfyUI, driven through its HTTP API. Runs only when COMFYUI_PATH names a ComfyUI
+checkout (COMFYUI_PYTHON: the interpreter of its environment, default the current one).
+
+The test builds a tiny SD 1.5-architecture checkpoint with ComfyUI's own modules (UNet with 320 channels and one
+level, zero-weight CLIP text encoder, random TAESD as the VAE), starts ComfyUI on the CPU with a temporary
+--base-directory holding that checkpoint and a link to this repository in custom_nodes/, and runs
+workflows/tiny_cpu_dts_api.json to saved images and reported rewards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+pytestmark = [
+    pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run"),
+    pytest.mark.slow,
+]
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = "dts-tiny-sd15.safetensors"
+WORKFLOW = json.loads((ROOT / "workflows" / "tiny_cpu_dts_api.json").read_text())
+SAMPLER_NODE = "6"
+
+BUILD_CHECKPOINT = """
+import json, sys
+out = sys.argv[1]
+sys.argv = sys.argv[:1] + ["--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+from safetensors.torch import save_file
+import comfy.ops
+from comfy.clip_model import CLIPTextModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.taesd.taesd import TAESD
+
+torch.manual_seed(0)
+unet = UNetModel(
+    image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1], channel_mult=(1,),
+    num_heads=8, use_spatial_transformer=True, transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, device="meta",
+    operations=comfy.ops.manual_cast,
+)
+state = {}
+for key, value in unet.state_dict().items():
+    fill = torch.randn(value.shape) * 0.02 if value.ndim > 1 else torch.zeros(value.shape)
+    state["model.diffusion_model." + key] = fill
+with open("comfy/sd1_clip_config.json") as f:
+    clip = CLIPTextModel(json.load(f), dtype=torch.float16, device="meta", operations=comfy.ops.manual_cast)
+for key, value in clip.state_dict().items():
+    state["cond_stage_model.transformer." + key] = torch.zeros(value.shape, dtype=torch.float16)
+for key, value in TAESD().state_dict().items():
+    fill = torch.randn(value.shape) * 0.05 if value.ndim > 1 else torch.full(value.shape, float("scale" in key))
+    state["first_stage_model." + key] = fill
+save_file(state, out)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(url: str, payload: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def comfyui(tmp_path_factory):
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    (base / "models" / "dts_rewards" / "empty-weights").mkdir(parents=True)
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "dts-diffusers").symlink_to(ROOT, target_is_directory=True)
+    subprocess.run(
+        [python, "-c", BUILD_CHECKPOINT, str(base / "models" / "checkpoints" / CHECKPOINT)],
+        cwd=COMFYUI_PATH, env={**os.environ, "PYTHONPATH": COMFYUI_PATH}, check=True, timeout=300,
+    )  # fmt: skip
+    port = free_port()
+    log = open(base / "comfyui.log", "w")  # noqa: SIM115 (closed at teardown)
+    server = subprocess.Popen(
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+        cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        assert server.poll() is None, (base / "comfyui.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "ComfyUI did not answer /object_info within 240 s"
+        try:
+            status, object_info = request(f"{url}/object_info")
+            if status == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(1)
+    yield {"url": url, "base": base, "server": server, "object_info": object_info}
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def run(comfyui, workflow: dict, timeout: float = 400) -> dict:
+    status, answer = request(f"{comfyui['url']}/prompt", {"prompt": workflow})
+    assert status == 200, answer
+    prompt_id = answer["prompt_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _, history = request(f"{comfyui['url']}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("status_str") in ("success", "error"):
+            return history[prompt_id]
+        time.sleep(1)
+    raise AssertionError(f"workflow did not finish within {timeout} s")
+
+
+def with_inputs(node: str, **inputs) -> dict:
+    workflow = copy.deepcopy(WORKFLOW)
+    workflow[node]["inputs"].update(inputs)
+    return workflow
+
+
+def execution_error(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "error"
+    return next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+
+
+def test_pack_is_listed_with_its_reward_folder(comfyui):
+    info = comfyui["object_info"]
+    assert {"DTSRewardLoader", "DTSSampler", "DTSSamplerSelect"} <= set(info)
+    assert info["DTSSampler"]["display_name"] == "DTS Sampler"
+    weights = info["DTSRewardLoader"]["input"]["required"]["weights"]
+    assert "empty-weights" in weights[1]["options"]
+    status, stats = request(f"{comfyui['url']}/system_stats")
+    assert status == 200
+    print("ComfyUI version:", stats["system"]["comfyui_version"])
+
+
+def test_tiny_workflow_saves_images_and_reports_rewards(comfyui):
+    entry = run(comfyui, WORKFLOW)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["8"]["images"]
+    assert len(images) == 2  # num_outputs
+    for image in images:
+        assert (comfyui["base"] / "output" / image["subfolder"] / image["filename"]).stat().st_size > 0
+    rewards = entry["outputs"][SAMPLER_NODE]["rewards"]
+    assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
+    summary = entry["outputs"][SAMPLER_NODE]["text"][0]
+    assert summary.startswith("DTS: rewards [") and "NFE 16/16" in summary
+
+
+def test_wrong_inputs_are_node_errors_and_the_server_keeps_serving(comfyui):
+    status, answer = request(f"{comfyui['url']}/prompt", {"prompt": with_inputs(SAMPLER_NODE, lam=-1.0)})
+    assert status == 400 and SAMPLER_NODE in answer["node_errors"]
+    assert "lam" in json.dumps(answer["node_errors"][SAMPLER_NODE])
+
+    error = execution_error(run(comfyui, with_inputs(SAMPLER_NODE, nfe_budget=2)))
+    assert error["node_id"] == SAMPLER_NODE and "below one rollout" in error["exception_message"]
+
+    error = execution_error(run(comfyui, with_inputs(SAMPLER_NODE, eta=0.0)))
+    assert error["node_id"] == SAMPLER_NODE and "eta must be > 0" in error["exception_message"]
+
+    missing = with_inputs("5", reward_name="image-reward", weights="empty-weights", device="cpu")
+    error = execution_error(run(comfyui, missing))
+    assert error["node_id"] == "5" and "empty-weights" in error["exception_message"]
+
+    assert comfyui["server"].poll() is None
+    status, _ = request(f"{comfyui['url']}/object_info/DTSSampler")
+    assert status == 200
