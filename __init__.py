@@ -12,13 +12,15 @@ import sys
 if importlib.util.find_spec("dts_diffusers") is None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-try:
-    import comfy_api.latest  # noqa: F401
-except ImportError:
-    from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+__all__: list[str] = []
+if __package__:  # pytest imports this file without a package when collecting tests below a clone: register nothing
+    try:
+        import comfy_api.latest  # noqa: F401
+    except ImportError:
+        from .comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
-else:
-    from .comfy_nodes.v3 import comfy_entrypoint
+        __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    else:
+        from .comfy_nodes.v3 import comfy_entrypoint
 
-    __all__ = ["comfy_entrypoint"]
+        __all__ = ["comfy_entrypoint"]
