@@ -186,3 +186,15 @@ def test_wrong_inputs_are_node_errors_and_the_server_keeps_serving(comfyui):
     assert comfyui["server"].poll() is None
     status, _ = request(f"{comfyui['url']}/object_info/DTSSampler")
     assert status == 200
+
+
+def test_dts_sampler_in_sampler_custom_advanced(comfyui):
+    workflow = json.loads((ROOT / "workflows" / "sampler_custom_advanced_dts_api.json").read_text())
+    workflow["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    workflow["4"]["inputs"].update(width=64, height=64, batch_size=2)
+    workflow["5"]["inputs"].update(reward_name="jpeg-compressibility", weights="(none)", device="cpu")
+    workflow["6"]["inputs"].update(nfe_budget=12, rollout_batch=3)
+    workflow["9"]["inputs"]["steps"] = 3
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(entry["outputs"]["12"]["images"]) == 2  # as many samples as the latent batch
