@@ -119,6 +119,11 @@ def test_weighted_sum_passes_prompts_only_to_rewards_that_need_them():
     images = torch.rand(2, 3, 4, 4)
     expected = 2.0 * torch.tensor([3.0, 5.0]) - brightness(images, None)
     torch.testing.assert_close(combined(images, ["abc", "abcde"]), expected)
+    assert not combined(images.requires_grad_(True), ["abc", "abcde"]).requires_grad
+    combined.differentiable = True
+    assert all(term.differentiable for term in combined.terms)
+    combined(images, ["abc", "abcde"]).sum().backward()
+    torch.testing.assert_close(images.grad, torch.full_like(images, -1 / 48))
     with pytest.raises(ValueError, match="no gradient"):
         load_reward({"jpeg-compressibility": 1.0}, differentiable=True)
 
@@ -201,9 +206,13 @@ def test_classifier_reward_dtype_and_gradient():
 def test_digit_classifier_reward_is_log_probability_of_digit():
     from dts_diffusers.digits import load_digit_classifier
 
+    try:
+        classifier = load_digit_classifier(which="reward")
+    except FileNotFoundError as err:
+        pytest.skip(f"the bundled digit classifier is not built yet: {err}")
     images = torch.rand(4, 3, 28, 28)
     reward = load_reward("digit-classifier", digit=7)
-    expected = load_digit_classifier(which="reward")(images).log_softmax(1)[:, 7]
+    expected = classifier.eval()(images).log_softmax(1)[:, 7]
     torch.testing.assert_close(reward(images), expected.float())
     assert (reward(images) <= 0).all()
 
@@ -236,3 +245,16 @@ def test_reward_base_class_moves_images_to_its_device_and_dtype():
     reward = Mean().to(torch.bfloat16)
     scores = reward(torch.rand(2, 3, 4, 4))
     assert reward.seen == torch.bfloat16 and scores.dtype == torch.float32 and scores.device.type == "cpu"
+
+
+def test_digit_classifier_reward_uses_the_digits_module(monkeypatch):
+    digits = pytest.importorskip("dts_diffusers.digits")
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    asked = []
+    monkeypatch.setattr(digits, "load_digit_classifier", lambda which, device=None: asked.append(which) or module)
+    images = torch.rand(3, 3, 28, 28)
+    expected = module(images).log_softmax(1)[:, 4]
+    reward = load_reward("digit-classifier", digit=4, which="judge")
+    assert asked == ["judge"] and reward.name == "digit-classifier[4]"
+    torch.testing.assert_close(reward(images), expected)

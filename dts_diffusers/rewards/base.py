@@ -117,29 +117,20 @@ class CallableReward(Reward):
 class WeightedSum(Reward):
     """`sum_k weight_k * reward_k(images, prompts)`, e.g. ImageReward plus a little aesthetic score."""
 
-    def __init__(self, rewards: Mapping[str, Reward] | Sequence[tuple[Reward, float]], weights=None):
+    def __init__(self, terms: Sequence[tuple[Reward, float]]):
         super().__init__()
-        items = list(rewards.items()) if isinstance(rewards, Mapping) else [(r.name, r) for r, _ in rewards]
-        if weights is None:
-            weights = [w for _, w in rewards] if not isinstance(rewards, Mapping) else [1.0] * len(items)
-        if not items:
-            raise ValueError("a weighted sum needs at least one reward")
-        self.terms = nn.ModuleList(reward for _, reward in items)
-        self.weights = [float(w) for w in weights]
-        self.name = " + ".join(f"{w:g}*{name}" for (name, _), w in zip(items, self.weights, strict=True))
-        self.needs_prompts = any(r.needs_prompts for r in self.terms)
-        self.supports_gradients = all(r.supports_gradients for r in self.terms)
+        if not terms:
+            raise ValueError("a weighted sum needs at least one (reward, weight) term")
+        self.terms = nn.ModuleList(reward for reward, _ in terms)
+        self.weights = [float(weight) for _, weight in terms]
+        self.name = " + ".join(f"{weight:g}*{reward.name}" for reward, weight in terms)
+        self.needs_prompts = any(reward.needs_prompts for reward in self.terms)
+        self.supports_gradients = all(reward.supports_gradients for reward in self.terms)
 
-    @property
-    def differentiable(self) -> bool:
-        return all(r.differentiable for r in self.terms) if hasattr(self, "terms") else self._differentiable
-
-    @differentiable.setter
+    @Reward.differentiable.setter
     def differentiable(self, value: bool) -> None:
-        if not hasattr(self, "terms"):
-            self._differentiable = bool(value)
-            return
-        for reward in self.terms:
+        Reward.differentiable.fset(self, value)
+        for reward in getattr(self, "terms", ()):
             reward.differentiable = value
 
     def forward(self, images: torch.Tensor, prompts: str | Sequence[str] | None = None) -> torch.Tensor:
@@ -202,8 +193,10 @@ def load_reward(
         per_term = kwargs.pop("reward_kwargs", {})
         if kwargs:
             raise TypeError(f"a weighted sum takes per-reward options as reward_kwargs={{name: {{...}}}}; got {kwargs}")
-        terms = {term: load_reward(term, device, dtype, differentiable, **per_term.get(term, {})) for term in name}
-        return WeightedSum(terms, list(name.values()))
+        terms = [(load_reward(term, device, dtype, **per_term.get(term, {})), weight) for term, weight in name.items()]
+        combined = WeightedSum(terms)
+        combined.differentiable = differentiable
+        return combined
     reward = _factory(name)(device=device, dtype=dtype, **kwargs)
     reward.differentiable = differentiable
     return reward
