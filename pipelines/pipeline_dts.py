@@ -77,6 +77,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are
                 replayed from their seeds.
             tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees.
+            callback_on_step_end: `fn(pipe, step, nfe, {"latents": best x_0 latents so far})` after every engine
+                batch; setting `pipe._interrupt = True` in it stops the search and returns what the trees hold.
             eta: DDIM's η (default 1.0, stochastic); eta=0 raises, since children would be identical.
         Returns `DTSPipelineOutput` (or its fields as a tuple, images first, when `return_dict=False`).
         """

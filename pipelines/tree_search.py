@@ -118,7 +118,7 @@ class TreeSearchMixin:
         if height % factor or width % factor:
             raise ValueError(
                 f"height and width must be divisible by the VAE scale factor {factor} (got {height}x{width}); "
-                f"e.g. height={height // factor * factor}"
+                f"e.g. {height // factor * factor}x{width // factor * factor}"
             )
         check_lambda(lam)
         if mode not in ("sample", "search"):
@@ -251,6 +251,8 @@ class TreeSearchMixin:
         device = self._execution_device
         scheduler = self._tree_scheduler()
         nfe_budget = nfe_budget or rollout_batch_size * num_inference_steps
+        if tree is not None and not isinstance(tree, list | tuple):
+            tree = [tree]
         if tree is not None and len(tree) != len(prompts):
             raise ValueError(
                 f"tree= has {len(tree)} trees for {len(prompts)} prompts; pass output.trees of a call with the same "

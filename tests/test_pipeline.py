@@ -1,5 +1,7 @@
 """DTSPipeline / DTSXLPipeline on tiny random-weight SD 1.x and SDXL pipelines, saved and loaded like hub models."""
 
+import io
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -153,6 +155,35 @@ def test_from_pretrained_call_honours_budget_and_counts(pipe):
 def test_without_guidance_one_unet_row_per_nfe(pipe):
     out = run(pipe, guidance_scale=1.0)
     assert out.unet_evals == out.nfe > 0
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        {"negative_prompt": "blurry"},
+        {"guidance_rescale": 0.7},
+        {"guidance_scale": 3.0},
+        {"prompt": None, "prompt_embeds": torch.randn(1, 16, 32), "negative_prompt_embeds": torch.randn(1, 16, 32)},
+    ],
+)
+def test_stable_diffusion_arguments_take_effect(pipe, argument):
+    baseline = run(pipe, output_type="latent")
+    changed = run(pipe, output_type="latent", **argument)
+    assert changed.images.shape == baseline.images.shape
+    assert not torch.allclose(changed.images, baseline.images)
+
+
+def test_progress_bar_counts_nfe_and_follows_its_config(pipe):
+    log = io.StringIO()
+    pipe.set_progress_bar_config(file=log, ascii=True)
+    out = run(pipe, prompt=["a", "b"], nfe_budget=12)
+    assert f"{out.nfe}/24" in log.getvalue()
+
+
+def test_bounded_latent_cache_replays_evicted_latents(pipe):
+    out = run(pipe, latent_cache_bytes=4 * 8 * 8 * 4 * 3, nfe_budget=40, num_images_per_prompt=3, output_type="latent")
+    assert out.nfe <= 40 and out.unet_evals >= 2 * out.nfe and torch.isfinite(out.images).all()
+    assert out.trees[0].stats()["stored_latent_bytes"] <= 4 * 8 * 8 * 4 * 3
 
 
 def test_reward_gets_unit_float_images_and_the_prompts(pipe):
