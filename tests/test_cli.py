@@ -1,6 +1,7 @@
 """The `dts` command: outputs, record consistency, errors, atomic writes, and sharding invariance.
 
-The tests run a tiny random-weight SD pipeline saved here with the weight-free `jpeg-compressibility` reward.
+Most tests run a tiny random-weight SD pipeline saved here with the weight-free `jpeg-compressibility` reward; the
+default run (no --model) uses the bundled digits model, as a new user's first command does.
 """
 
 from __future__ import annotations
@@ -87,6 +88,17 @@ def check_record(out: Path, budget: int, num_images: int) -> dict:
     assert Image.open(out / "reward_vs_nfe.png").size[0] > 100
     assert not list(out.parent.glob(".*partial"))
     return record
+
+
+def test_default_generate_runs_the_bundled_digits_model(tmp_path):
+    out = tmp_path / "run"
+    result = run_dts("generate", "--out", str(out), "--checkpoints", "3", *SMALL_RUN)
+    assert result.returncode == 0, result.stderr
+    assert "NFE" in result.stderr  # the progress bar goes to stderr
+    record = check_record(out, budget=60, num_images=3)
+    assert record["reward"] == "digit-classifier" and record["digit"] == cli.DEFAULT_DIGIT
+    best = [point["best_reward"] for point in record["curve"]]
+    assert best == sorted(best)  # one tree keeps growing, so its best reward never drops
 
 
 @pytest.mark.parametrize("method", ["dts", "smc"])
