@@ -33,7 +33,7 @@ def build_sampler(method: str, prior: Callable, transition: Callable, reward: Ca
             options["mode"] = "search"
         keep = DTS.__init__.__code__.co_varnames
         return DTS(prior, transition, reward, num_steps, **{k: v for k, v in options.items() if k in keep})
-    if "branch_levels" in options:
+    if "branch_levels" in options and "eval_levels" not in PARTICLE_PRESETS[method]:  # best-of-N never evaluates
         options.setdefault("eval_levels", options["branch_levels"])
     merged = {**PARTICLE_PRESETS[method], **options}
     keep = ParticleSearch.__init__.__code__.co_varnames

@@ -276,7 +276,6 @@ def test_baseline_method_under_the_same_budget(pipe):
     assert out.nfe == 24 and out.images.shape[0] == 2 and out.unet_evals == 2 * 24
 
 
-@pytest.mark.xfail(strict=True, reason="build_sampler lets branch_levels override best-of-n's eval_levels=[]")
 def test_best_of_n_scores_only_final_images(pipe):
     out = run(pipe, method="best-of-n", nfe_budget=24)
     assert out.reward_calls == 24 // STEPS
