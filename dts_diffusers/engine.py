@@ -390,7 +390,7 @@ class DTS:
 
     def _store(self, nodes: list[int], latents: torch.Tensor | None) -> None:
         if nodes:
-            self.store.put(self.tree, nodes, latents, pinned=set())
+            self.store.put(self.tree, nodes, latents)
 
     # ---------------------------------------------------------------------------------------------------------
     # latents: gather, replay evicted ones from stored seeds

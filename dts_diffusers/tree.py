@@ -201,32 +201,26 @@ class LatentStore:
         self.free.extend(range(new - 1, old - 1, -1))
         return True
 
-    def put(self, tree: TreeArrays, nodes: list[int], latents: torch.Tensor, pinned: set[int]) -> None:
-        """Store `latents[i]` for `nodes[i]`, evicting the least recently used unpinned slots if needed."""
+    def put(self, tree: TreeArrays, nodes: list[int], latents: torch.Tensor) -> None:
+        """Store `latents[i]` for `nodes[i]`, evicting the least recently used slots if needed."""
         if self.data is None:
             self._allocate(latents[0])
         latents = latents.to(self.device, self.data.dtype)
         for i, node in enumerate(nodes):
             if not self.free and not self._grow():
-                self._evict(tree, pinned)
+                self._evict(tree)
             slot = self.free.pop()
             self.data[slot] = latents[i]
             self.owner[slot] = node
             tree.slot_np[node] = slot
             self.last_use[slot] = self.clock
 
-    def _evict(self, tree: TreeArrays, pinned: set[int]) -> None:
-        order = np.argsort(self.last_use, kind="stable")
-        for slot in order:
-            node = int(self.owner[slot])
-            if node >= 0 and node not in pinned:
-                tree.slot_np[node] = NO_SLOT
-                self.owner[slot] = -1
-                self.free.append(int(slot))
-                return
-        raise RuntimeError(
-            "latent_budget_bytes is too small to hold one batch of latents; raise it or lower batch_size"
-        )
+    def _evict(self, tree: TreeArrays) -> None:
+        """Free the least recently used slot (all are owned when none is free); its latent is replayed on demand."""
+        slot = int(np.argmin(self.last_use))
+        tree.slot_np[self.owner[slot]] = NO_SLOT
+        self.owner[slot] = -1
+        self.free.append(slot)
 
     def touch(self, slots: list[int]) -> None:
         self.clock += 1
