@@ -258,3 +258,15 @@ def test_digit_classifier_reward_uses_the_digits_module(monkeypatch):
     reward = load_reward("digit-classifier", digit=4, which="judge")
     assert asked == ["judge"] and reward.name == "digit-classifier[4]"
     torch.testing.assert_close(reward(images), expected)
+
+
+def test_digit_classifier_reward_can_score_the_logit(monkeypatch):
+    digits = pytest.importorskip("dts_diffusers.digits")
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    monkeypatch.setattr(digits, "load_digit_classifier", lambda which, device=None: module)
+    images = torch.rand(3, 3, 28, 28)
+    reward = load_reward("digit-classifier", digit=2, output="logit")
+    torch.testing.assert_close(reward(images), module(images)[:, 2])
+    with pytest.raises(ValueError, match="output must be one of"):
+        load_reward("digit-classifier", digit=2, output="margin")

@@ -76,12 +76,17 @@ def load_classifier_reward(
     return ClassifierReward(module, target, output, image_size).to(device=device, dtype=dtype)
 
 
-def load_digit_reward(device=None, dtype=None, digit: int | None = None, which: str = "reward") -> ClassifierReward:
-    """log p(digit | x) under the project's MNIST classifier (`dts_diffusers.digits`), imported only when asked for."""
+def load_digit_reward(
+    device=None, dtype=None, digit: int | None = None, which: str = "reward", output: str = "log_prob"
+) -> ClassifierReward:
+    """log p(digit | x) under the project's digit classifier (`dts_diffusers.digits`), imported only when asked for.
+
+    `output="logit"` gives the digit's logit instead, which keeps rising where log p saturates at 0 (search tasks).
+    """
     if digit is None or not 0 <= int(digit) <= 9:
         raise ValueError(f"the 'digit-classifier' reward needs digit=<0..9> (got {digit!r})")
     from dts_diffusers.digits import load_digit_classifier
 
-    reward = ClassifierReward(load_digit_classifier(which=which, device=device).eval(), int(digit))
+    reward = ClassifierReward(load_digit_classifier(which=which, device=device).eval(), int(digit), output)
     reward.name = f"digit-classifier[{int(digit)}]"
     return reward.to(device=device, dtype=dtype)
