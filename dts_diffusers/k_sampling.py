@@ -1,11 +1,13 @@
-"""DTS / DTS* as a k-diffusion sampler: `sample_dts(model, x, sigmas, ...)` where `model(x, sigma) -> denoised`.
+"""DTS / DTS* (and every baseline of `dts_diffusers.methods.METHODS`) as a k-diffusion sampler:
+`sample_dts(model, x, sigmas, ...)` where `model(x, sigma) -> denoised`.
 
 This is the contract of k-diffusion and of ComfyUI's `KSAMPLER` (the "SAMPLER" type), so any model ComfyUI can sample
 works: the tree's transitions are ancestral steps in sigma space (``x = x0 + σ·ε`` models, η = 1 by default), or their
 rectified-flow form (``x = (1 - σ)·x0 + σ·ε``, ComfyUI's ``CONST`` model sampling: SD3, FLUX, …).
 
 Levels: with ``num_steps = len(sigmas) - 1``, level ``L`` holds states at ``sigmas[num_steps - L]`` and its transition
-steps them to ``sigmas[num_steps - L + 1]``; level ``num_steps`` is x_T, level 0 the final sample.
+steps them to ``sigmas[num_steps - L + 1]``; level ``num_steps`` is x_T, level 0 the final sample. ``renoise`` goes
+the other way, up the chain, with the forward process (DFS backtracks with it; samplers get it as ``renoise=``).
 
 The prior. The sampler receives ``x`` already noised for ``sigmas[0]`` (ComfyUI: ``noise_scaling(sigmas[0], noise,
 latent_image)``), but every root child of the tree needs its own x_T. So the prior re-noises the *clean* latent with
@@ -65,6 +67,17 @@ def ancestral_step_flow(
     return (alpha_to / alpha_down) * x + noise * renoise
 
 
+def forward_noise(x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_to | x_from) for `x = x0 + σ·ε` (σ_to ≥ σ_from): the variances add."""
+    return x + max(sigma_to**2 - sigma_from**2, 0.0) ** 0.5 * noise
+
+
+def forward_noise_flow(x: torch.Tensor, sigma_from: float, sigma_to: float, noise: torch.Tensor) -> torch.Tensor:
+    """q(x_to | x_from) for rectified flow `x = (1 - σ)·x0 + σ·ε`: shrink the signal, then top the noise up to σ_to."""
+    scale = (1 - sigma_to) / (1 - sigma_from)
+    return scale * x + max(sigma_to**2 - scale**2 * sigma_from**2, 0.0) ** 0.5 * noise
+
+
 def find_model_sampling(model) -> object | None:
     """ComfyUI's `model_sampling`, found by attribute (no import): KSamplerX0Inpaint → CFGGuider → BaseModel."""
     for path in (("inner_model", "inner_model"), ("inner_model",), ()):
@@ -120,6 +133,7 @@ class SigmaChain:
         self.model, self.sigmas, self.latent, self.extra_args = model, sigmas, latent, extra_args
         self.num_steps = len(sigmas) - 1
         self.step = ancestral_step_flow if flow else ancestral_step
+        self.forward = forward_noise_flow if flow else forward_noise
         self.eta, self.noise_scaling = eta, noise_scaling
 
     def prior(self, n: int, generators: list[torch.Generator]) -> torch.Tensor:
@@ -133,6 +147,20 @@ class SigmaChain:
         noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype) if sigma_to > 0 else None
         x_prev = self.step(x, denoised, sigma_from, sigma_to, noise, self.eta)
         return (x_prev, denoised) if return_x0 else x_prev
+
+    def renoise(
+        self, x: torch.Tensor, from_level: int, to_level: int, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """Draw x at `to_level` from the forward process q(x_to | x_from): how DFS backtracks up the chain."""
+        if not 0 <= from_level < to_level <= self.num_steps:
+            raise ValueError(
+                f"renoise goes up the chain: need 0 <= from_level < to_level <= num_steps={self.num_steps} "
+                f"(got from_level={from_level}, to_level={to_level})"
+            )
+        sigma_from = float(self.sigmas[self.num_steps - from_level])
+        sigma_to = float(self.sigmas[self.num_steps - to_level])
+        noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype)
+        return self.forward(x, sigma_from, sigma_to, noise)
 
 
 def _default_noise_scaling(model_sampling, flow: bool) -> Callable:
@@ -149,6 +177,13 @@ def _default_noise_scaling(model_sampling, flow: bool) -> Callable:
     return lambda sigma, noise, latent: latent + sigma * noise
 
 
+def method_label(method: str, mode: str) -> str:
+    """How a run is named in progress bars and summaries: "dts*" for the tree in search mode, "smc search", …"""
+    if method in ("dts", "dts*"):
+        return "dts*" if mode == "search" or method == "dts*" else "dts"
+    return f"{method} search" if mode == "search" else method
+
+
 @torch.no_grad()
 def sample_dts(
     model: Denoiser,
@@ -163,7 +198,7 @@ def sample_dts(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     lam: float = 1.0,
     mode: str = "sample",
-    method: str | None = None,
+    method: str = "dts",
     num_outputs: int | None = None,
     branch_levels: Sequence[int] | None = None,
     branch_every: int | None = None,
@@ -179,13 +214,15 @@ def sample_dts(
     interrupt: Callable[[], object] | None = None,
     info: dict | None = None,
 ) -> torch.Tensor:
-    """Grow a DTS tree (or run a baseline) over `sigmas` and return `num_outputs` samples drawn from it.
+    """Run `method` (any of `dts_diffusers.methods.METHODS`) over `sigmas` and return `num_outputs` samples.
 
     `reward(images) -> Tensor[n]` scores `decode(latents)` (images [n, 3, H, W] in [0, 1]), or the latents themselves
-    when `decode` is None. `mode="sample"` draws from π* ∝ p·exp(λ·r) (DTS); `"search"` returns the best found (DTS*);
-    `method` overrides both with any of `dts_diffusers.methods.METHODS` so baselines run under the same budget.
-    `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised` and `i`
-    counting steps in proportion to the budget spent; `interrupt()` is called between batches and may raise to stop.
+    when `decode` is None. `method="dts"` grows the tree; the baselines run under the same NFE budget. `mode="sample"`
+    draws the outputs from π* ∝ p·exp(λ·r); `"search"` returns the best found (with `"dts"` that is DTS*, which
+    `method="dts*"` always is). Options a method does not use are ignored.
+    `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised`, `i`
+    counting steps in proportion to the budget spent, and `nfe`, `nfe_budget`, `best_reward` and `method`;
+    `interrupt()` is called between batches and may raise to stop.
     `info`, when given, is filled with the drawn samples' `rewards`, the `best_reward` and the engine's `stats`.
     Returns a tensor shaped like `x` with `num_outputs` rows (default: as many as `x`).
     """
@@ -198,9 +235,11 @@ def sample_dts(
             f"eta must be > 0 (got {eta}): DTS branches on each step's fresh noise, and with eta=0 the steps are "
             "deterministic, so every child of a node would be the same; use eta=1 (ancestral sampling)"
         )
-    method = method or ("dts" if mode == "sample" else "dts*" if mode == "search" else None)
+    if mode not in ("sample", "search"):
+        raise ValueError(f"mode must be 'sample' (draw from p·exp(λ·r)) or 'search' (the best found) (got {mode!r})")
     if method not in METHODS:
-        raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*), or method one of {METHODS} (got {mode!r})")
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    label = method_label(method, mode)
     num_outputs = x.shape[0] if num_outputs is None else int(num_outputs)
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive integer (got {num_outputs})")
@@ -232,6 +271,7 @@ def sample_dts(
         score,
         num_steps,
         lam=lam,
+        mode=mode,
         branch_levels=branch_levels if branch_levels is not None else default_branch_levels(num_steps),
         pw_c=pw_c,
         pw_alpha=pw_alpha,
@@ -239,8 +279,9 @@ def sample_dts(
         batch_size=batch_size,
         seed=int(extra_args.get("seed", 0) if seed is None else seed),
         device=x.device,
+        renoise=chain.renoise,
     )
-    progress = tqdm(total=nfe_budget, disable=disable, desc=method.upper())
+    progress = tqdm(total=nfe_budget, disable=disable, desc=label.upper())
 
     def on_batch(search) -> bool:
         progress.update(search.nfe - progress.n)
@@ -259,6 +300,7 @@ def sample_dts(
                     "nfe": search.nfe,
                     "nfe_budget": nfe_budget,
                     "best_reward": best_reward,
+                    "method": label,
                 }
             )
         return False
@@ -269,5 +311,5 @@ def sample_dts(
         progress.close()
     samples, rewards = sampler.sample(num_outputs, return_rewards=True)
     if info is not None:
-        info.update(rewards=rewards, best_reward=sampler.best()[1], stats=sampler.stats(), method=method)
+        info.update(rewards=rewards, best_reward=sampler.best()[1], stats=sampler.stats(), method=label)
     return samples.to(device=x.device, dtype=x.dtype)

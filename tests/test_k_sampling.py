@@ -1,6 +1,7 @@
 """`sample_dts` with real denoisers: the exact Gaussian denoiser (where the chain's law is known in closed form) and a
 tiny random-weight UNet wrapped to the k-diffusion contract `model(x, sigma) -> denoised`."""
 
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-from dts_diffusers.k_sampling import find_model_sampling, is_flow_sampling, sample_dts
+from dts_diffusers.k_sampling import SigmaChain, find_model_sampling, is_flow_sampling, sample_dts
+from dts_diffusers.methods import METHODS
+from dts_diffusers.noise import row_generators
 
 DATA_STD = 0.5
 
@@ -150,7 +153,7 @@ def test_bad_settings_raise_clear_errors():
         sample_dts(gaussian_denoiser, x, sigmas, latent_image=torch.tensor([[0.0], [1.0]]), **run)
 
 
-def test_callback_interrupt_and_baselines():
+def test_callback_and_interrupt():
     sigmas = karras_sigmas(5)
     events = []
     out = sample_dts(
@@ -171,13 +174,85 @@ def test_callback_interrupt_and_baselines():
     )  # fmt: skip
     assert info["stats"]["nfe"] == 5 * 8  # stopped after the second batch
 
-    for method in ("best-of-n", "smc"):
-        info = {}
-        out = sample_dts(
-            gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=5 * 8, method=method,
-            num_outputs=3, disable=True, info=info,
-        )  # fmt: skip
-        assert out.shape == (3, 3) and info["method"] == method and info["stats"]["nfe"] <= 40
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_under_the_budget_with_progress_and_best_first_in_search(method):
+    sigmas = karras_sigmas(5)
+    budget = 5 * 12
+    events, info = [], {}
+    out = sample_dts(
+        gaussian_denoiser, torch.zeros(1, 3), sigmas, callback=events.append, reward=linear_reward, nfe_budget=budget,
+        method=method, lam=2.0, num_outputs=3, batch_size=4, disable=True, info=info,
+    )  # fmt: skip
+    assert out.shape == (3, 3) and torch.isfinite(out).all()
+    assert info["method"] == method and 0 < info["stats"]["nfe"] <= budget
+    assert events and events[-1]["nfe"] == info["stats"]["nfe"]
+    assert torch.allclose(linear_reward(out), info["rewards"])
+
+    info = {}
+    out = sample_dts(
+        gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=budget, method=method,
+        mode="search", lam=2.0, num_outputs=3, batch_size=4, disable=True, info=info,
+    )  # fmt: skip
+    assert info["method"] in ("dts*", f"{method} search")
+    rewards = linear_reward(out)
+    assert rewards[0].item() == pytest.approx(info["best_reward"], abs=1e-5)
+    assert torch.equal(rewards, rewards.sort(descending=True).values)
+
+
+def test_mode_and_method_name_the_choices():
+    run = dict(reward=linear_reward, nfe_budget=40, disable=True)
+    with pytest.raises(ValueError, match=r"mode must be 'sample' .* or 'search'"):
+        sample_dts(gaussian_denoiser, torch.zeros(1, 1), karras_sigmas(4), mode="best", **run)
+    with pytest.raises(ValueError, match=r"choose one of dts, dts\*, best-of-n"):
+        sample_dts(gaussian_denoiser, torch.zeros(1, 1), karras_sigmas(4), method="mcts", **run)
+
+
+def sigma_chain(sigmas: torch.Tensor, flow: bool) -> SigmaChain:
+    latent = torch.zeros(1, 4)
+    return SigmaChain(gaussian_denoiser, sigmas, latent, {}, flow, 1.0, lambda sigma, noise, lat: lat + sigma * noise)
+
+
+def assert_normal(x: torch.Tensor, mean: torch.Tensor | float, std: float) -> None:
+    """Sample mean and std within 4 standard errors of N(mean, std²)."""
+    n = x.numel()
+    assert abs((x - mean).mean().item()) < 4 * std / math.sqrt(n)
+    assert abs((x - mean).std().item() - std) < 4 * std / math.sqrt(2 * n)
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["eps", "flow"])
+def test_renoise_draws_the_forward_process(flow):
+    """From a fixed x_lo the draw is N(a·x_lo, σ_hi² - a²σ_lo²) (a = 1, or (1-σ_hi)/(1-σ_lo) for flow); renoising
+    clean data x0 ~ N(0, s²) in one or two hops gives the forward marginal at the level reached."""
+    sigmas = torch.linspace(0.9, 0.0, 7) if flow else torch.linspace(3.0, 0.0, 7)  # comparable σ_lo and σ_hi
+    chain = sigma_chain(sigmas, flow)
+    num_steps, n = 6, 4000
+    sigma = {level: float(sigmas[num_steps - level]) for level in range(num_steps + 1)}
+    x_lo = torch.linspace(-2, 2, 4).expand(n, 4)
+
+    x_hi = chain.renoise(x_lo, 2, 5, row_generators(range(n)))
+    scale = (1 - sigma[5]) / (1 - sigma[2]) if flow else 1.0
+    assert_normal(x_hi, scale * x_lo, math.sqrt(sigma[5] ** 2 - scale**2 * sigma[2] ** 2))
+
+    x0 = DATA_STD * torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    for hops in ([0, 4], [0, 1, 4]):
+        x = x0
+        for k, (lo, hi) in enumerate(itertools.pairwise(hops)):
+            x = chain.renoise(x, lo, hi, row_generators(range(10**6 * (k + 1), 10**6 * (k + 1) + n)))
+        signal = 1 - sigma[4] if flow else 1.0
+        assert_normal(x, 0.0, math.sqrt(signal**2 * DATA_STD**2 + sigma[4] ** 2))
+
+
+def test_renoise_rows_use_only_their_generators_and_levels_go_up():
+    chain = sigma_chain(karras_sigmas(6), flow=False)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    batch = chain.renoise(x, 1, 3, row_generators([10, 11, 12, 13, 14]))
+    alone = chain.renoise(x[2:3], 1, 3, row_generators([12]))
+    assert torch.equal(batch[2:3], alone)
+    with pytest.raises(ValueError, match="renoise goes up the chain"):
+        chain.renoise(x, 3, 3, row_generators(range(5)))
+    with pytest.raises(ValueError, match="renoise goes up the chain"):
+        chain.renoise(x, 1, 7, row_generators(range(5)))
 
 
 class UNetDenoiser:
