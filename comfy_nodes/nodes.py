@@ -1,7 +1,13 @@
 """The node classes (ComfyUI's classic schema). They import without ComfyUI; the work is in `.sampling`.
 
-Inputs that bound a value (λ ≥ 0, budget ≥ 1) are enforced by ComfyUI's prompt validation; the rest (a budget below
-one rollout, eta = 0, missing reward weights) raise inside the node's function, so ComfyUI reports a node error.
+Inputs that bound a value (λ ≥ 0, budget ≥ 1) or pick from a list (mode, method) are enforced by ComfyUI's prompt
+validation; the rest (a budget below one rollout, eta = 0, missing reward weights) raise inside the node's function, so
+ComfyUI reports a node error.
+
+The frontend restores a node's widget values by position, and widgets a saved workflow lacks keep their defaults, so
+new inputs go last: `method` (default "dts") is the last optional input. It took the slot of the earlier `baseline`
+input: API workflows that still name `baseline` run DTS (ComfyUI drops inputs a node does not declare); UI workflows
+saved with it hold "none" in that slot, which ComfyUI rejects as not in the list until a method is picked.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ FALLBACK_SCHEDULERS = [
     "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
     "kl_optimal",
 ]  # fmt: skip
-BASELINES = [m for m in METHODS if m not in ("dts", "dts*")]
 
 
 def scheduler_names() -> list[str]:
@@ -36,8 +41,8 @@ def reward_names() -> list[str]:
 def search_inputs() -> dict:
     """Inputs shared by DTS Sampler and DTS SAMPLER: the tree's target and budget."""
     return {
-        "mode": (["sample", "search"], {"default": "sample", "tooltip": "sample: DTS draws from p·exp(λ·r); "
-                                        "search: DTS* returns the best samples found"}),
+        "mode": (["sample", "search"], {"default": "sample", "tooltip": "sample: draw the outputs from "
+                                        "p·exp(λ·r); search: return the best found (DTS* with method dts)"}),
         "lam": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10000.0, "step": 0.1, "round": False,
                           "tooltip": "λ, the reward's strength; 0 samples the model unchanged"}),
         "nfe_budget": ("INT", {"default": 160, "min": 1, "max": 1000000, "tooltip": "model evaluations in total "
@@ -58,16 +63,17 @@ def advanced_inputs() -> dict:
         "c_uct": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "UCT exploration "
                             "(search mode)"}),
         "rollout_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "rollouts denoised together"}),
-        "baseline": (["none", *BASELINES], {"default": "none", "tooltip": "run a particle baseline instead of the "
-                                            "tree, under the same budget"}),
+        "method": (list(METHODS), {"default": "dts", "tooltip": "dts: the tree (DTS, or DTS* in search mode); "
+                                   "dts*: always the search; the rest are particle baselines (best-of-N, SMC, "
+                                   "FK-steering, SVDD, DAS, BFS, ...) under the same budget"}),
     }  # fmt: skip
 
 
-def tree_options(mode, lam, eta, branch_every=0, pw_c=2.0, pw_alpha=0.8, c_uct=1.0, rollout_batch=4, baseline="none"):
+def tree_options(mode, lam, eta, branch_every=0, pw_c=2.0, pw_alpha=0.8, c_uct=1.0, rollout_batch=4, method="dts"):
     """Node inputs → `sample_dts` keywords."""
     return {
         "mode": mode,
-        "method": None if baseline == "none" else baseline,
+        "method": method,
         "lam": lam,
         "eta": eta,
         "branch_every": branch_every or None,
@@ -110,7 +116,8 @@ class DTSRewardLoader:
 class DTSSampler:
     DESCRIPTION = (
         "KSampler with Diffusion Tree Sampling: spends an NFE budget growing a tree of denoising paths scored by the "
-        "reward, then draws the outputs from p·exp(λ·r) (sample) or returns the best found (search, DTS*)."
+        "reward, then draws the outputs from p·exp(λ·r) (sample) or returns the best found (search, DTS*). The "
+        "method input runs a particle baseline (best-of-N, SMC, BFS, ...) under the same budget instead."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT", "FLOAT", "STRING")
@@ -152,8 +159,8 @@ class DTSSampler:
 
 class DTSSamplerSelect:
     DESCRIPTION = (
-        "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that runs DTS: any GUIDER, SIGMAS and NOISE; returns as "
-        "many samples as the latent batch."
+        "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that runs DTS (or the method picked): any GUIDER, SIGMAS "
+        "and NOISE; returns as many samples as the latent batch."
     )
     CATEGORY = "sampling/custom_sampling/samplers"
     RETURN_TYPES = ("SAMPLER",)

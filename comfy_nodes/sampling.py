@@ -155,7 +155,7 @@ def comfy_sample_dts(
 
 
 def dts_ksampler(vae, reward, reward_prompt: str, **options):
-    """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running DTS with the reward bound."""
+    """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running `method` with the reward bound."""
     check_options(options)
     import comfy.samplers
 
@@ -166,8 +166,12 @@ def dts_ksampler(vae, reward, reward_prompt: str, **options):
 def check_options(options: dict) -> None:
     """Fail at the node with a clear message before any model work."""
     from dts_diffusers.engine import check_lambda
+    from dts_diffusers.methods import METHODS
 
     check_lambda(options.get("lam", 1.0))
+    method = options.get("method", "dts")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)} (got {method!r}); pick one in the method input")
     if not options.get("eta", 1.0) > 0:
         raise ValueError(
             "eta must be > 0: DTS branches on the fresh noise of each ancestral step, and eta=0 is deterministic "

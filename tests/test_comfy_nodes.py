@@ -1,8 +1,15 @@
-"""The ComfyUI nodes without ComfyUI: schemas ComfyUI can render, and bad inputs rejected with clear messages."""
+"""The ComfyUI nodes without ComfyUI: schemas ComfyUI can render, bad inputs rejected with clear messages, and every
+method run through DTS SAMPLER on a tiny model."""
+
+import sys
+import types
 
 import pytest
 import torch
 from dts_diffusers.comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, nodes, sampling
+
+from dts_diffusers.k_sampling import method_label
+from dts_diffusers.methods import METHODS
 
 SOCKET_TYPES = {"MODEL", "CONDITIONING", "LATENT", "VAE", "SAMPLER", "DTS_REWARD"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING"}
@@ -54,12 +61,23 @@ def test_scheduler_choices_fall_back_to_comfyui_0_8_names_without_comfyui():
 
 
 def test_tree_options_map_node_inputs_to_sample_dts():
-    options = nodes.tree_options("search", 2.0, 1.0, branch_every=5, rollout_batch=8, baseline="smc")
+    options = nodes.tree_options("search", 2.0, 1.0, branch_every=5, rollout_batch=8, method="smc")
     assert options == {
         "mode": "search", "method": "smc", "lam": 2.0, "eta": 1.0, "branch_every": 5, "pw_c": 2.0, "pw_alpha": 0.8,
         "c_uct": 1.0, "batch_size": 8,
     }  # fmt: skip
     assert nodes.tree_options("sample", 1.0, 1.0)["branch_every"] is None  # 0 = the paper's schedule
+    assert nodes.tree_options("sample", 1.0, 1.0)["method"] == "dts"
+
+
+@pytest.mark.parametrize("node_id", ["DTSSampler", "DTSSamplerSelect"])
+def test_method_lists_every_method_and_is_the_last_input(node_id):
+    """The frontend restores widget values by position, so a saved workflow without the newest widget keeps its
+    other values and gets method = "dts"."""
+    spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
+    assert list(spec["optional"])[-1] == "method"
+    choices, options = spec["optional"]["method"]
+    assert choices == list(METHODS) and options["default"] == "dts"
 
 
 def test_bad_inputs_raise_in_the_node_function_with_clear_messages():
@@ -68,6 +86,8 @@ def test_bad_inputs_raise_in_the_node_function_with_clear_messages():
         sampler.get_sampler(None, None, "", "sample", -1.0, 100, 1.0)
     with pytest.raises(ValueError, match="eta must be > 0"):
         sampler.get_sampler(None, None, "", "sample", 1.0, 100, 0.0)
+    with pytest.raises(ValueError, match=r"method must be one of dts, dts\*, .*; pick one in the method input"):
+        sampler.get_sampler(None, None, "", "sample", 1.0, 100, 1.0, method="none")
     ksampler = NODE_CLASS_MAPPINGS["DTSSampler"]()
     common = dict(model=None, positive=None, negative=None, latent_image=None, vae=None, reward=None, reward_prompt="",
                   seed=0, cfg=7.0, scheduler="karras", denoise=1.0, mode="sample", num_outputs=1)  # fmt: skip
@@ -91,3 +111,85 @@ def test_reward_loader_builds_a_registered_reward_and_rejects_bad_choices():
         loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "[1, 2]")
     with pytest.raises(ValueError, match="unknown reward"):
         loader.load("no-such-reward", sampling.NO_WEIGHTS, "cpu", "auto", "")
+
+
+LATENT_STD = 0.5
+
+
+class TinyComfyModel:
+    """What ComfyUI's KSAMPLER hands a sampler function (KSamplerX0Inpaint): `model(x, sigma, denoise_mask, seed)`
+    returns the denoised latent, here the exact denoiser of N(0, s²) latents; the base model, with SD1's latent
+    scaling, is at `inner_model.inner_model`."""
+
+    latent_image = noise = None
+
+    def __init__(self):
+        base = types.SimpleNamespace(process_latent_out=lambda latent: latent / 0.18215)
+        self.inner_model = types.SimpleNamespace(inner_model=base)
+
+    def __call__(self, x, sigma, denoise_mask=None, model_options=None, seed=None):
+        return x * LATENT_STD**2 / (LATENT_STD**2 + sigma.view(-1, 1, 1, 1) ** 2)
+
+
+class TinyVAE:
+    """ComfyUI's VAE.decode contract: latents → IMAGE [B, H, W, 3] in [0, 1]."""
+
+    def decode(self, latents):
+        return torch.sigmoid(latents[:, :3]).movedim(1, -1)
+
+
+@pytest.fixture
+def comfy_host(monkeypatch):
+    """The two ComfyUI 0.8.0 names DTS SAMPLER's path uses: `comfy.samplers.KSAMPLER` (the SAMPLER: a sampler function
+    and its extra options) and `comfy.model_management.throw_exception_if_processing_interrupted`."""
+    comfy = types.ModuleType("comfy")
+    comfy.samplers = types.ModuleType("comfy.samplers")
+    comfy.model_management = types.ModuleType("comfy.model_management")
+
+    class KSAMPLER:
+        def __init__(self, sampler_function, extra_options=None, inpaint_options=None):
+            self.sampler_function, self.extra_options = sampler_function, extra_options or {}
+
+    comfy.samplers.KSAMPLER = KSAMPLER
+    comfy.model_management.throw_exception_if_processing_interrupted = lambda: None
+    for module in (comfy, comfy.samplers, comfy.model_management):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+
+def run_sampler(sampler, latent: torch.Tensor, sigmas: torch.Tensor, seed: int, callback=None) -> torch.Tensor:
+    """What KSAMPLER.sample does for an SD1 model below σ_max: noise the latent for sigmas[0], call the function."""
+    model = TinyComfyModel()
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    model.latent_image, model.noise = latent, noise
+    x = latent + sigmas[0] * noise
+    extra_args = {"denoise_mask": None, "seed": seed}
+    return sampler.sampler_function(
+        model, x, sigmas, extra_args=extra_args, callback=callback, disable=True, **sampler.extra_options
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_through_dts_sampler_within_budget(comfy_host, method):
+    (reward,) = NODE_CLASS_MAPPINGS["DTSRewardLoader"]().load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu",
+                                                              "auto", "")  # fmt: skip
+    select = NODE_CLASS_MAPPINGS["DTSSamplerSelect"]()
+    sigmas = torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0])
+    budget = 4 * 8
+    latent = torch.zeros(2, 4, 8, 8)
+
+    def score(latents):
+        return reward(TinyVAE().decode(latents / 0.18215).movedim(-1, 1), "")
+
+    for mode in ("sample", "search"):
+        (sampler,) = select.get_sampler(TinyVAE(), reward, "", mode, 2.0, budget, 1.0, rollout_batch=4, method=method)
+        events = []
+        out = run_sampler(sampler, latent, sigmas, seed=5, callback=events.append)
+        assert out.shape == latent.shape and torch.isfinite(out).all()
+        assert events and 0 < events[-1]["nfe"] <= budget
+        assert events[-1]["method"] == method_label(method, mode)
+        if mode == "search":  # the best found, best first
+            scores = score(out)
+            assert torch.equal(scores, scores.sort(descending=True).values)
+            assert scores[0].item() == pytest.approx(events[-1]["best_reward"])
+        else:  # the same seed gives the same samples
+            assert torch.equal(run_sampler(sampler, latent, sigmas, seed=5), out)

@@ -4,7 +4,8 @@ checkout (COMFYUI_PYTHON: the interpreter of its environment, default the curren
 The test builds a tiny SD 1.5-architecture checkpoint with ComfyUI's own modules (UNet with 320 channels and one
 level, zero-weight CLIP text encoder, random TAESD as the VAE), starts ComfyUI on the CPU with a temporary
 --base-directory holding that checkpoint and a link to this repository in custom_nodes/, and runs
-workflows/tiny_cpu_dts_api.json to saved images and reported rewards.
+workflows/tiny_cpu_dts_api.json to saved images and reported rewards, with DTS and with a particle baseline picked by
+the sampler's `method` input.
 """
 
 from __future__ import annotations
@@ -168,10 +169,30 @@ def test_tiny_workflow_saves_images_and_reports_rewards(comfyui):
     assert summary.startswith("DTS: rewards [") and "NFE 16/16" in summary
 
 
+def test_the_method_input_runs_a_particle_baseline_under_the_same_budget(comfyui):
+    entry = run(comfyui, with_inputs(SAMPLER_NODE, method="bfs", mode="search"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(entry["outputs"]["8"]["images"]) == 2
+    rewards = entry["outputs"][SAMPLER_NODE]["rewards"]
+    assert len(rewards) == 2 and rewards == sorted(rewards, reverse=True)  # search: the best found, best first
+    summary = entry["outputs"][SAMPLER_NODE]["text"][0]
+    assert summary.startswith("BFS SEARCH: rewards [") and "NFE 16/16" in summary
+
+
+def test_an_api_workflow_saved_before_the_method_input_still_runs_dts(comfyui):
+    workflow = with_inputs(SAMPLER_NODE, seed=1, baseline="none")  # the input `method` replaced
+    del workflow[SAMPLER_NODE]["inputs"]["method"]
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert entry["outputs"][SAMPLER_NODE]["text"][0].startswith("DTS: rewards [")
+
+
 def test_wrong_inputs_are_node_errors_and_the_server_keeps_serving(comfyui):
     status, answer = request(f"{comfyui['url']}/prompt", {"prompt": with_inputs(SAMPLER_NODE, lam=-1.0)})
     assert status == 400 and SAMPLER_NODE in answer["node_errors"]
     assert "lam" in json.dumps(answer["node_errors"][SAMPLER_NODE])
+    status, answer = request(f"{comfyui['url']}/prompt", {"prompt": with_inputs(SAMPLER_NODE, method="none")})
+    assert status == 400 and "method: 'none' not in" in json.dumps(answer["node_errors"][SAMPLER_NODE])
 
     error = execution_error(run(comfyui, with_inputs(SAMPLER_NODE, nfe_budget=2)))
     assert error["node_id"] == SAMPLER_NODE and "below one rollout" in error["exception_message"]
@@ -195,6 +216,8 @@ def test_dts_sampler_in_sampler_custom_advanced(comfyui):
     workflow["5"]["inputs"].update(reward_name="jpeg-compressibility", weights="(none)", device="cpu")
     workflow["6"]["inputs"].update(nfe_budget=12, rollout_batch=3)
     workflow["9"]["inputs"]["steps"] = 3
-    entry = run(comfyui, workflow)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    assert len(entry["outputs"]["12"]["images"]) == 2  # as many samples as the latent batch
+    for method in ("dts", "smc"):
+        workflow["6"]["inputs"]["method"] = method
+        entry = run(comfyui, workflow)
+        assert entry["status"]["status_str"] == "success", (method, entry["status"])
+        assert len(entry["outputs"]["12"]["images"]) == 2  # as many samples as the latent batch
