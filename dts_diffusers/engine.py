@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .noise import row_generators
+from .resampling import systematic
 from .tree import NO_SLOT, ROOT, LatentStore, TreeArrays, boltzmann, widening_limit
 
 Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
@@ -210,7 +211,7 @@ class DTS:
         else:
             rng = np.random.Generator(np.random.PCG64([self.seed, 1, self._draw_calls]))
             self._draw_calls += 1
-            leaves = [self._draw_leaf(rng) for _ in range(n)]
+            leaves = self._draw_leaves(n, rng)
         x0 = self._latents(leaves)
         if return_rewards:
             return x0, torch.as_tensor(self.tree.value_np[leaves], dtype=torch.float32)
@@ -425,10 +426,18 @@ class DTS:
     # ---------------------------------------------------------------------------------------------------------
     # drawing from the finished tree
     # ---------------------------------------------------------------------------------------------------------
-    def _draw_leaf(self, rng: np.random.Generator) -> int:
+    def _draw_leaves(self, n: int, rng: np.random.Generator) -> list[int]:
+        """`n` leaves by Boltzmann descent, stratified: a node holding m draws hands them to its children by systematic
+        resampling, so a child of probability p gets ⌊m·p⌋ or ⌈m·p⌉ of them. Each draw keeps the law of a single
+        descent; the set of n has less spread than n independent descents (fewer repeats of the same leaf)."""
         tree = self.tree
-        node = ROOT
-        while tree.level_np[node] > 0:
+        leaves: list[int] = []
+        frontier = [(ROOT, n)]
+        while frontier:
+            node, count = frontier.pop()
+            if tree.level_np[node] == 0:
+                leaves += [node] * count
+                continue
             kids = tree.children(node)
             kids = kids[tree.done_np[kids]]
             if self.estimator == "held-out":
@@ -436,8 +445,10 @@ class DTS:
                 values = tree.draw_value_np[kids]
             else:
                 values = tree.value_np[kids]
-            node = int(kids[rng.choice(kids.size, p=boltzmann(values, self.lam))])
-        return node
+            shares = np.bincount(systematic(boltzmann(values, self.lam), count, rng), minlength=kids.size)
+            frontier += [(int(kid), int(share)) for kid, share in zip(kids, shares, strict=True) if share]
+        rng.shuffle(leaves)  # the order carries no information
+        return leaves
 
     def _best_first_leaves(self, n: int) -> list[int]:
         """Leaves in the order of argmax descent (DTS*): the first is the argmax leaf, then its runners-up."""

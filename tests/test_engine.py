@@ -10,7 +10,7 @@ from scipy import stats
 from dts_diffusers import DTS
 from dts_diffusers.noise import randn_rows
 from dts_diffusers.toy import bimodal_1d, gmm_2d
-from dts_diffusers.tree import soft_mean
+from dts_diffusers.tree import boltzmann, soft_mean
 
 TASK = bimodal_1d()
 
@@ -51,6 +51,33 @@ def test_budget_is_never_exceeded_and_split_runs_equal_one_run():
     twice = make(seed=5, batch_size=8).run(1500).run(1500)
     assert once.stats() | {"timings": None} == twice.stats() | {"timings": None}
     assert torch.equal(once.sample(50), twice.sample(50))
+
+
+def test_draws_are_stratified_over_children_and_keep_the_descent_law():
+    """A node holding m draws gives each child ⌊m·p⌋ or ⌈m·p⌉ of them, and on average exactly m·p."""
+    dts = make(seed=3).run(3000)
+    tree = dts.tree
+    kids = tree.children(0)
+    kids = kids[tree.is_draw_child_np[kids] & tree.draw_complete_np[kids]]
+    probs = boltzmann(tree.draw_value_np[kids], dts.lam)
+
+    def root_child_counts(leaves):
+        top = []
+        for leaf in leaves:
+            while tree.parent_np[leaf] != 0:
+                leaf = tree.parent_np[leaf]
+            top.append(leaf)
+        return np.array([top.count(k) for k in kids])
+
+    n = 500
+    rng = np.random.default_rng(0)
+    mean_counts = np.zeros(kids.size)
+    for _ in range(200):
+        counts = root_child_counts(dts._draw_leaves(n, rng))
+        assert counts.sum() == n
+        assert np.all((counts >= np.floor(n * probs) - 1e-9) & (counts <= np.ceil(n * probs) + 1e-9))
+        mean_counts += counts / 200
+    np.testing.assert_allclose(mean_counts, n * probs, atol=0.15)
 
 
 def test_same_seed_same_samples_and_other_seed_differs():
