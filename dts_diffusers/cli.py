@@ -54,6 +54,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nfe-budget", type=int, default=None, help="guided denoising steps per prompt")
     parser.add_argument("--mode", choices=("sample", "search"), default="sample", help="sample (DTS) or search (DTS*)")
     parser.add_argument("--method", choices=METHODS, default="dts", help="the tree or a baseline at equal NFE")
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the method's sampler, e.g. max_backtracks=2 (dfs) or local_search_steps=2 (bfs, dfs; "
+        "loads the reward with gradients); repeatable",
+    )
     parser.add_argument("--num-images", type=int, default=4, help="images drawn per prompt")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per rollout")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
@@ -172,7 +180,7 @@ def reward_name(args: argparse.Namespace) -> str:
     raise CLIError(f"--reward is required with --model; one of: {', '.join(reward_names())}")
 
 
-def load_named_reward(name: str, digit: int | None, device):
+def load_named_reward(name: str, digit: int | None, device, differentiable: bool = False):
     """The registered reward `name`; `digit` goes to the digit classifier (default DEFAULT_DIGIT)."""
     from dts_diffusers.rewards import load_reward
 
@@ -182,9 +190,42 @@ def load_named_reward(name: str, digit: int | None, device):
     elif digit is not None:
         raise CLIError(f"--digit only applies to the digit-classifier reward (got --reward {name})")
     try:
-        return load_reward(name, device=device, **options)
+        reward = load_reward(name, device=device, **options)
     except (ValueError, OSError, ImportError) as error:  # unknown name, missing weights, missing package
         raise CLIError(f"--reward {name}: {error}") from error
+    if differentiable:
+        if not reward.supports_gradients:
+            raise CLIError(
+                f"--method-option local_search_steps needs a reward with gradients; --reward {name} has none"
+            )
+        reward.differentiable = True
+    return reward
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """`--method-option NAME=VALUE` pairs, values read as JSON (numbers, lists, true) or else kept as text."""
+    options = {}
+    for pair in args.method_option:
+        name, sep, text = pair.partition("=")
+        if not sep or not name:
+            raise CLIError(f"--method-option {pair!r}: write NAME=VALUE, e.g. --method-option max_backtracks=2")
+        try:
+            options[name] = json.loads(text)
+        except json.JSONDecodeError:
+            options[name] = text
+    if options:
+        from dts_diffusers.pipelines.tree_search import check_method_options
+
+        try:
+            check_method_options(args.method, options)
+        except (ValueError, TypeError) as error:
+            raise CLIError(f"--method-option: {error}") from error
+    return options
+
+
+def needs_gradients(args: argparse.Namespace) -> bool:
+    steps = method_options(args).get("local_search_steps", 0)
+    return isinstance(steps, int | float) and steps > 0
 
 
 def default_prompt(args: argparse.Namespace, digit: int | None) -> str:
@@ -230,6 +271,7 @@ def call_options(args: argparse.Namespace, settings: dict) -> dict:
         "num_images_per_prompt": args.num_images,
         "rollout_batch_size": args.rollout_batch_size,
         **({"branch_every": args.branch_every} if args.branch_every is not None else {}),
+        **({"method_options": options} if (options := method_options(args)) else {}),
     }
 
 
@@ -402,7 +444,7 @@ def command_generate(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     model = resolve_model(args.model)
     name = reward_name(args)
-    reward = load_named_reward(name, args.digit, device)
+    reward = load_named_reward(name, args.digit, device, needs_gradients(args))
     pipe = load_pipeline(model, device, dtype)
     options = call_options(args, settings)
     budgets = curve_budgets(settings["nfe_budget"], settings["steps"], args.checkpoints)
@@ -525,7 +567,7 @@ def command_batch(args: argparse.Namespace) -> dict | None:
 
     def reward_for(reward: str, digit: int | None):
         if digit not in rewards:
-            rewards[digit] = load_named_reward(reward, digit, device)
+            rewards[digit] = load_named_reward(reward, digit, device, needs_gradients(args))
         return rewards[digit]
 
     out = args.out.resolve()

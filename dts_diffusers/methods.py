@@ -1,9 +1,11 @@
-"""One entry point for every method under the same NFE accounting: DTS, DTS*, and the particle baselines."""
+"""One entry point for every method under the same NFE accounting: DTS, DTS*, the particle baselines and DFS."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
+from .dfs import DepthFirstSearch
 from .engine import DTS
 from .particles import ParticleSearch
 
@@ -16,25 +18,38 @@ PARTICLE_PRESETS: dict[str, dict] = {
     "das": {"temperature": "increase", "scoring": "difference", "resampling": "ssp", "ess_threshold": 1.0},
     "bfs": {"temperature": "increase", "scoring": "max", "resampling": "ssp", "ess_threshold": 1.0},
 }
-METHODS = ("dts", "dts*", *PARTICLE_PRESETS)
+METHODS = ("dts", "dts*", *PARTICLE_PRESETS, "dfs")
+
+
+def sampler_class(method: str) -> type:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method in ("dts", "dts*"):
+        return DTS
+    return DepthFirstSearch if method == "dfs" else ParticleSearch
+
+
+def sampler_option_names(method: str) -> list[str]:
+    """The keyword options `method`'s sampler takes, besides prior, transition, reward and num_steps."""
+    parameters = list(inspect.signature(sampler_class(method).__init__).parameters)
+    return parameters[5:]  # self, prior, transition, reward, num_steps
 
 
 def build_sampler(method: str, prior: Callable, transition: Callable, reward: Callable, num_steps: int, **options):
     """Build a sampler with `run(nfe_budget)`, `sample(n)`, `best()`, `nfe` and `stats()`.
 
-    `"dts"` and `"dts*"` are the tree (sample / search mode); the rest are particle presets whose axes can be
-    overridden by keyword (`temperature=`, `scoring=`, `resampling=`, `ess_threshold=`, `num_particles=`).
-    Options a method does not use are dropped, so one set of arguments can drive every method.
+    `"dts"` and `"dts*"` are the tree (sample / search mode); `"dfs"` is depth-first search with backtracking (needs
+    `renoise=`); the rest are particle presets whose axes can be overridden by keyword (`temperature=`, `scoring=`,
+    `resampling=`, `ess_threshold=`, `num_particles=`). The particle methods and DFS take local search options
+    (`local_search_steps=`, `local_search_step_size=`, with `renoise=`). `branch_levels=` sets the evaluation levels
+    of the particle methods and DFS. Options a method does not use are dropped, so one set of arguments can drive
+    every method.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ("dts", "dts*"):
-        if method == "dts*":
-            options["mode"] = "search"
-        keep = DTS.__init__.__code__.co_varnames
-        return DTS(prior, transition, reward, num_steps, **{k: v for k, v in options.items() if k in keep})
-    if "branch_levels" in options and "eval_levels" not in PARTICLE_PRESETS[method]:  # best-of-N never evaluates
-        options.setdefault("eval_levels", options["branch_levels"])
-    merged = {**PARTICLE_PRESETS[method], **options}
-    keep = ParticleSearch.__init__.__code__.co_varnames
-    return ParticleSearch(prior, transition, reward, num_steps, **{k: v for k, v in merged.items() if k in keep})
+    cls = sampler_class(method)
+    if method == "dts*":
+        options["mode"] = "search"
+    if "branch_levels" in options and cls is not DTS and "eval_levels" not in PARTICLE_PRESETS.get(method, {}):
+        options.setdefault("eval_levels", options["branch_levels"])  # best-of-N never evaluates
+    merged = {**PARTICLE_PRESETS.get(method, {}), **options}
+    keep = sampler_option_names(method)
+    return cls(prior, transition, reward, num_steps, **{k: v for k, v in merged.items() if k in keep})

@@ -6,6 +6,11 @@ scored on the one-step prediction x̂_0 (the transition's optional ``return_x0=T
 classical-search paper are options: temperature (constant, increase, inf), scoring (current, difference, max) and
 resampling (multinomial, systematic, ssp). Best-of-N is the same loop with no evaluation level.
 
+Local search (``local_search_steps=k``, for differentiable rewards) refines every evaluation: k times, x̂_0 takes a
+gradient step up the reward and is re-noised to the current level with the forward process (the transition's
+``renoise``), then the model predicts again; each repetition costs one NFE per particle. It is the classical-search
+paper's guidance-plus-recurrence, annealed Langevin in the limit, and the depth-first search in ``dfs.py`` uses it too.
+
 Populations are independent runs; more budget adds populations, and draws pick a population by its normalising
 constant estimate, then a particle by its final weight, so sampling mode targets π* ∝ p·exp(λ·r).
 """
@@ -26,6 +31,11 @@ from .resampling import RESAMPLERS, effective_sample_size
 
 TEMPERATURES = ("constant", "increase", "inf")
 SCORINGS = ("current", "difference", "max")
+NOT_DIFFERENTIABLE = (
+    "local search needs a differentiable reward: reward(x0) returned scores with no gradient with respect to x0. "
+    "Build the reward with differentiable=True (e.g. load_reward(name, differentiable=True)) or from plain torch "
+    "operations, or set local_search_steps=0"
+)
 
 
 @dataclass
@@ -62,8 +72,50 @@ def score_particles(kind: str, current: np.ndarray, previous: np.ndarray) -> np.
     return np.maximum(current, previous)
 
 
+def check_local_search(steps: int, step_size: float, renoise: Callable | None) -> None:
+    if not isinstance(steps, int | np.integer) or steps < 0:
+        raise ValueError(f"local_search_steps must be a non-negative integer (got {steps!r}); 0 turns it off")
+    if steps and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"local_search_step_size must be a positive number (got {step_size!r})")
+    if steps and not callable(renoise):
+        raise ValueError(
+            "local search re-noises x̂_0 to the current level with the forward process: pass "
+            "renoise=transition.renoise (SchedulerTransition, SigmaChain and the toy chains have one), a function "
+            "renoise(x, from_level, to_level, generators), or set local_search_steps=0"
+        )
+
+
+def reward_ascent(reward: Callable, x0: torch.Tensor, step_size: float) -> torch.Tensor:
+    """x̂_0 + η·∇r(x̂_0): one step up the reward, the gradient taken with respect to x̂_0 alone (rows independent)."""
+    with torch.enable_grad():
+        point = x0.detach().float().requires_grad_(True)
+        scores = reward(point.to(x0.dtype))
+        if not isinstance(scores, torch.Tensor) or not scores.requires_grad:
+            raise ValueError(NOT_DIFFERENTIABLE)
+        (gradient,) = torch.autograd.grad(scores.sum(), point)
+    return (point + step_size * gradient).detach().to(x0.dtype)
+
+
+def refine_locally(
+    predict: Callable, ascend: Callable, renoise: Callable, x: torch.Tensor, level: int, generators, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x_{level-1}, x̂_0)` after `steps` rounds of: move x̂_0 up the reward, re-noise it to `level`, predict again.
+
+    `predict(x, level, generators)` is one counted transition with `return_x0=True`, so this costs `1 + steps` NFE.
+    """
+    x_next, x0_hat = predict(x, level, generators)
+    for _ in range(steps):
+        x = renoise(ascend(x0_hat), 0, level, generators)
+        x_next, x0_hat = predict(x, level, generators)
+    return x_next, x0_hat
+
+
 class ParticleSearch:
-    """SMC / FK-steering / BFS over a population of `num_particles` (best-of-N when `eval_levels=[]`)."""
+    """SMC / FK-steering / BFS over a population of `num_particles` (best-of-N when `eval_levels=[]`).
+
+    `local_search_steps` > 0 refines each evaluation by local search (needs `renoise` and a differentiable reward);
+    a particle then costs `num_steps + local_search_steps·len(eval_levels)` NFE.
+    """
 
     def __init__(
         self,
@@ -81,9 +133,13 @@ class ParticleSearch:
         ess_threshold: float = 0.5,
         batch_size: int | None = None,
         seed: int = 0,
+        renoise: Callable | None = None,
+        local_search_steps: int = 0,
+        local_search_step_size: float = 0.1,
     ):
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' or 'search' (got {mode!r})")
+        check_local_search(local_search_steps, local_search_step_size, renoise)
         for name, value, allowed in (
             ("temperature", temperature, TEMPERATURES),
             ("scoring", scoring, SCORINGS),
@@ -99,6 +155,9 @@ class ParticleSearch:
         self.num_steps, self.lam, self.mode = num_steps, check_lambda(lam), mode
         levels = default_branch_levels(num_steps) if eval_levels is None else list(eval_levels)
         self.eval_levels = sorted({int(b) for b in levels if 1 <= b <= num_steps}, reverse=True)
+        self.renoise = renoise
+        self.local_search_steps, self.local_search_step_size = int(local_search_steps), float(local_search_step_size)
+        self.particle_cost = num_steps + self.local_search_steps * len(self.eval_levels)
         self.lams = temperature_schedule(temperature, self.lam, len(self.eval_levels) + 1)
         self.scoring, self.resample = scoring, RESAMPLERS[resampling]
         self.ess_threshold = ess_threshold
@@ -115,14 +174,14 @@ class ParticleSearch:
         if not isinstance(nfe_budget, int | np.integer) or nfe_budget < 0:
             raise ValueError(f"nfe_budget must be a non-negative integer (got {nfe_budget!r})")
         self._nfe_target += int(nfe_budget)
-        if not self._populations and self._nfe_target < self.num_steps:
+        if not self._populations and self._nfe_target < self.particle_cost:
             raise ValueError(
-                f"nfe_budget={self._nfe_target} is below one rollout: one particle costs num_steps="
-                f"{self.num_steps} NFE; give at least that"
+                f"nfe_budget={self._nfe_target} is below one rollout: one particle costs {self.particle_cost} NFE "
+                f"(num_steps={self.num_steps} plus local search); give at least that"
             )
         if self.num_particles is None:  # one population spending the whole first budget, as SMC baselines do
-            self.num_particles = max(1, self._nfe_target // self.num_steps)
-        while (size := min(self.num_particles, (self._nfe_target - self.nfe) // self.num_steps)) >= 1:
+            self.num_particles = max(1, self._nfe_target // self.particle_cost)
+        while (size := min(self.num_particles, (self._nfe_target - self.nfe) // self.particle_cost)) >= 1:
             self._populations.append(self._run_population(size))
             if callback is not None and callback(self):
                 break
@@ -136,11 +195,12 @@ class ParticleSearch:
         log_z = 0.0
         evaluation = 0
         for level in range(self.num_steps, 0, -1):
-            evaluate = level in self.eval_levels
-            x_next, x0_hat = self._step(x, level, generators, evaluate)
-            x = x_next
-            if not evaluate:
+            if level not in self.eval_levels:
+                x, _ = self._step(x, level, generators, False)
                 continue
+            x, x0_hat = refine_locally(
+                self._predict, self._ascend, self.renoise, x, level, generators, self.local_search_steps
+            )
             scores = self._rewards(x0_hat)
             log_w = tilt(log_w, self.lams[evaluation], score_particles(self.scoring, scores, previous))
             previous = score_particles("max", scores, previous) if self.scoring == "max" else scores
@@ -175,6 +235,16 @@ class ParticleSearch:
         self.nfe += len(x)
         self.timings.transition += time.perf_counter() - start
         return torch.cat(outs), (torch.cat(preds) if preds else None)
+
+    def _predict(self, x, level, generators):
+        return self._step(x, level, generators, True)
+
+    def _ascend(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = reward_ascent(self.reward, x0_hat, self.local_search_step_size)
+        self.reward_evals += len(x0_hat)
+        self.timings.reward += time.perf_counter() - start
+        return out
 
     def _rewards(self, x0: torch.Tensor) -> np.ndarray:
         start = time.perf_counter()

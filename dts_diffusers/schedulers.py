@@ -232,6 +232,35 @@ class SchedulerTransition:
         x_prev, x0 = self.step(x, model_output, level, noise)
         return (x_prev, x0) if return_x0 else x_prev
 
+    def renoise(
+        self, x: torch.Tensor, from_level: int, to_level: int, generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """Draw x at `to_level` from the forward process q(x_to | x_from), for from_level < to_level; pure.
+
+        Uses the signal and noise scales of the timesteps the transition steps from at those levels (level 0 is x₀:
+        scale 1, no noise). For the variance-preserving schedulers (DDIM, DDPM, SDE-DPM++) that is
+        x_hi = sqrt(ᾱ_hi/ᾱ_lo)·x_lo + sqrt(1 − ᾱ_hi/ᾱ_lo)·ε with ᾱ from `alphas_cumprod`; in Euler ancestral's sigma
+        space (x = x₀ + σ·ε) it is x_hi = x_lo + sqrt(σ_hi² − σ_lo²)·ε.
+        """
+        if not 0 <= from_level < to_level <= self.num_steps:
+            raise ValueError(
+                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
+                f"(got {from_level} -> {to_level})"
+            )
+        signal_from, noise_from = self.state_scales(from_level)
+        signal_to, noise_to = self.state_scales(to_level)
+        gain = signal_to / signal_from
+        std = max(noise_to**2 - gain**2 * noise_from**2, 0.0) ** 0.5
+        noise = randn_rows(generators, x.shape[1:], device=x.device)
+        return (gain * x.float() + std * noise).to(x.dtype)
+
+    def state_scales(self, level: int) -> tuple[float, float]:
+        """`(signal, noise)` with x = signal·x₀ + noise·ε at `level`; level 0 is x₀ itself."""
+        if level == 0:
+            return 1.0, 0.0
+        c = self.levels[level]
+        return c.alpha / c.in_scale, c.sigma / c.in_scale
+
     def prior(self, shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         """`prior(n, generators)` drawing x_T = init_noise_sigma·z, row i from generators[i]."""
 

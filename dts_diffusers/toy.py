@@ -84,6 +84,17 @@ class GaussianMixtureChain:
         out = (mean + precision.rsqrt()[:, None] * noise).to(x.dtype)
         return (out, self.x0_mean(x, level)) if return_x0 else out
 
+    def renoise(self, x: torch.Tensor, from_level: int, to_level: int, generators) -> torch.Tensor:
+        """Exact draw of x at `to_level` from the forward process q(x_to | x_from), for from_level < to_level."""
+        if not 0 <= from_level < to_level <= self.num_steps:
+            raise ValueError(
+                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
+                f"(got {from_level} -> {to_level})"
+            )
+        kept = self.alpha_bar[to_level] / self.alpha_bar[from_level]
+        noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=torch.float64)
+        return (kept.sqrt() * x.to(torch.float64) + (1 - kept).sqrt() * noise).to(x.dtype)
+
     def sample_data(self, n: int, generator: torch.Generator) -> torch.Tensor:
         comp = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)

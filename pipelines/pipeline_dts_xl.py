@@ -70,6 +70,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         latent_cache_bytes: int | None = None,
         latent_cache_device: str | torch.device | None = None,
         tree: list | None = None,
+        method_options: dict | None = None,
         **kwargs,
     ) -> DTSPipelineOutput | tuple:
         r"""Generate images steered toward `reward`.
@@ -80,7 +81,8 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.
             nfe_budget: guided denoising steps per prompt (default: `rollout_batch_size` full rollouts).
             mode: "sample" (DTS) or "search" (DTS*).
-            method: "dts" (the tree) or a baseline of `dts_diffusers.methods.METHODS` under the same budget.
+            method: "dts" (the tree) or a baseline of `dts_diffusers.methods.METHODS` under the same budget
+                ("dfs" is depth-first search with backtracking).
             branch_every / branch_levels: where the tree branches (default every 10 steps: 50, 40, 30, 20, 10).
             pw_c, pw_alpha: progressive widening, a node has at most pw_c·N^pw_alpha children.
             c_uct: exploration constant of search mode.
@@ -89,6 +91,9 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are
                 replayed from their seeds.
             tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees.
+            method_options: further options of the method's sampler, e.g. `{"max_backtracks": 2}` for "dfs" or
+                `{"local_search_steps": 2, "local_search_step_size": 0.05}` for "bfs"/"dfs" (local search needs a
+                reward built with `differentiable=True`); see `dts_diffusers.methods.sampler_option_names(method)`.
             callback_on_step_end: `fn(pipe, step, nfe, {"latents": best x_0 latents so far})` after every engine
                 batch; setting `pipe._interrupt = True` in it stops the search and returns what the trees hold.
             eta: DDIM's η (default 1.0, stochastic); eta=0 raises, since children would be identical.
@@ -181,6 +186,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
                 num_images_per_prompt=num_images_per_prompt,
                 generator=generator,
                 tree=tree,
+                method_options=method_options,
                 method=method,
                 lam=lam,
                 mode=mode,

@@ -18,7 +18,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import logging
 
 from dts_diffusers.engine import check_lambda, default_branch_levels
-from dts_diffusers.methods import METHODS, build_sampler
+from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
 from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, SchedulerTransition, stochastic_kind
 
@@ -55,6 +55,38 @@ def tree_levels(num_inference_steps: int, branch_every: int | None, branch_level
     if not isinstance(branch_every, int) or branch_every < 1:
         raise ValueError(f"branch_every must be a positive integer (got {branch_every!r})")
     return list(range(num_inference_steps, 0, -branch_every))
+
+
+PIPELINE_SET_OPTIONS = {
+    "lam": "lam=",
+    "mode": "mode=",
+    "branch_levels": "branch_levels= or branch_every=",
+    "pw_c": "pw_c=",
+    "pw_alpha": "pw_alpha=",
+    "c_uct": "c_uct=",
+    "batch_size": "rollout_batch_size=",
+    "latent_device": "latent_cache_device=",
+    "latent_budget_bytes": "latent_cache_bytes=",
+    "seed": "generator=",
+    "device": "the pipeline's device",
+    "renoise": "the scheduler (the pipeline passes its forward process)",
+}
+
+
+def check_method_options(method: str, method_options) -> dict:
+    """The sampler options of `method` that the pipeline does not set itself, checked by name."""
+    if method_options is None:
+        return {}
+    if not isinstance(method_options, dict):
+        raise TypeError(f"method_options must be a dict of sampler options (got {type(method_options).__name__})")
+    for name in method_options:
+        if name in PIPELINE_SET_OPTIONS:
+            raise ValueError(f"method_options[{name!r}] is set by the pipeline; use {PIPELINE_SET_OPTIONS[name]}")
+    accepted = [name for name in sampler_option_names(method) if name not in PIPELINE_SET_OPTIONS]
+    unknown = sorted(set(method_options) - set(accepted))
+    if unknown:
+        raise ValueError(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(accepted)}")
+    return dict(method_options)
 
 
 def expand_rows(conditioning, n: int):
@@ -226,6 +258,7 @@ class TreeSearchMixin:
         num_images_per_prompt: int,
         generator,
         tree: list | None,
+        method_options: dict | None,
         method: str,
         lam: float,
         mode: str,
@@ -259,6 +292,7 @@ class TreeSearchMixin:
                 "prompts"
             )
         seeds = engine_seeds(generator, len(prompts), num_images_per_prompt) if tree is None else []
+        extra_options = check_method_options(method, method_options)
         options = {
             "lam": lam,
             "mode": mode,
@@ -281,7 +315,7 @@ class TreeSearchMixin:
                 if tree is None:
                     sampler = build_sampler(
                         method, prior, transition, score, num_inference_steps, seed=seeds[index], device=device,
-                        **options,
+                        renoise=transition.renoise, **options, **extra_options,
                     )  # fmt: skip
                 else:
                     sampler = tree[index]
@@ -291,6 +325,8 @@ class TreeSearchMixin:
                             "continue it with the same values"
                         )
                     sampler.prior, sampler.transition, sampler.reward = prior, transition, score
+                    if hasattr(sampler, "renoise"):
+                        sampler.renoise = transition.renoise
                 start_nfe, before = sampler.nfe, sampler.timings.as_dict()
                 seen = start_nfe
 

@@ -1,15 +1,16 @@
-"""Particle baselines and resampling: SSP's rounding law, presets' rules, best-of-N importance resampling."""
+"""Particle baselines: SSP's rounding law, presets' rules, best-of-N importance resampling, local search."""
 
 import numpy as np
 import pytest
 import torch
 
 from dts_diffusers.methods import METHODS, PARTICLE_PRESETS, build_sampler
-from dts_diffusers.particles import score_particles, temperature_schedule, tilt
+from dts_diffusers.particles import reward_ascent, score_particles, temperature_schedule, tilt
 from dts_diffusers.resampling import multinomial, ssp_counts, systematic
-from dts_diffusers.toy import bimodal_1d
+from dts_diffusers.toy import bimodal_1d, checkerboard_2d
 
 TASK = bimodal_1d()
+CHECKERBOARD = checkerboard_2d(num_steps=20)  # reward −½‖x‖²: smooth, so its gradient is informative everywhere
 
 
 def test_ssp_gives_floor_or_ceil_copies_n_in_total_and_is_unbiased():
@@ -54,7 +55,10 @@ def test_presets_reproduce_their_methods_rules():
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "dts*"])
 def test_every_method_honours_the_budget_and_seed(method):
     def build():
-        return build_sampler(method, TASK.chain.prior, TASK.chain.transition, TASK.reward, 20, lam=1.5, seed=3)
+        chain = TASK.chain
+        return build_sampler(
+            method, chain.prior, chain.transition, TASK.reward, 20, lam=1.5, seed=3, renoise=chain.renoise
+        )
 
     a, b = build().run(1000), build().run(1000)
     assert a.nfe <= 1000
@@ -71,3 +75,88 @@ def test_best_of_n_importance_resampling_targets_pi_star():
 def test_unknown_method_lists_the_choices():
     with pytest.raises(ValueError, match="choose one of dts, dts\\*, best-of-n"):
         build_sampler("mcmc", TASK.chain.prior, TASK.chain.transition, TASK.reward, 20)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# local search: gradient step on x̂_0, re-noise to the level, predict again
+# ---------------------------------------------------------------------------------------------------------------------
+class Recorder:
+    """Wraps the chain's transition and renoise, recording rows per call and renoise levels."""
+
+    def __init__(self, chain):
+        self.chain, self.rows, self.renoised = chain, 0, []
+
+    def transition(self, x, level, generators, return_x0=False):
+        self.rows += len(x)
+        return self.chain.transition(x, level, generators, return_x0=return_x0)
+
+    def renoise(self, x, from_level, to_level, generators):
+        self.renoised.append((from_level, to_level, len(x)))
+        return self.chain.renoise(x, from_level, to_level, generators)
+
+
+def final_rewards(sampler) -> np.ndarray:
+    if hasattr(sampler, "_populations"):
+        return np.concatenate([p.rewards for p in sampler._populations])
+    return np.asarray(sampler._rewards)
+
+
+def test_reward_ascent_is_one_gradient_step_on_x0_alone():
+    x0 = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    out = reward_ascent(CHECKERBOARD.reward, x0, 0.25)  # ∇(−½‖x‖²) = −x
+    torch.testing.assert_close(out, 0.75 * x0)
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("method", ["bfs", "dfs"])
+def test_local_search_raises_the_mean_reward_at_equal_evaluation_levels(method):
+    chain = CHECKERBOARD.chain
+
+    def mean_reward(steps: int, seed: int) -> float:
+        sampler = build_sampler(
+            method, chain.prior, chain.transition, CHECKERBOARD.reward, 20, seed=seed, renoise=chain.renoise,
+            num_particles=64, local_search_steps=steps, local_search_step_size=0.3,
+        )  # fmt: skip
+        assert sampler.eval_levels == [20, 16, 12, 8, 4]
+        return float(final_rewards(sampler.run(64 * (20 + 5 * steps))).mean())
+
+    for seed in (0, 1):
+        without, with_local_search = mean_reward(0, seed), mean_reward(2, seed)
+        assert with_local_search > without + 0.5  # about -0.15 against -1.2 (BFS) or -2.2 (DFS)
+
+
+@pytest.mark.parametrize("method", ["bfs", "dfs"])
+def test_local_search_costs_one_nfe_per_repetition(method):
+    recorder = Recorder(CHECKERBOARD.chain)
+    sampler = build_sampler(
+        method, CHECKERBOARD.chain.prior, recorder.transition, CHECKERBOARD.reward, 20, renoise=recorder.renoise,
+        num_particles=8, eval_levels=[15, 5], local_search_steps=3, max_backtracks=0, batch_size=4,
+    )  # fmt: skip
+    sampler.run(8 * (20 + 3 * 2))
+    assert sampler.nfe == recorder.rows == 8 * 26
+    assert sorted({(a, b) for a, b, _ in recorder.renoised}) == [(0, 5), (0, 15)]
+    assert sum(rows for *_, rows in recorder.renoised) == 8 * 3 * 2
+    with pytest.raises(ValueError, match="below one rollout"):
+        build_sampler(
+            method, CHECKERBOARD.chain.prior, recorder.transition, CHECKERBOARD.reward, 20, renoise=recorder.renoise,
+            eval_levels=[15, 5], local_search_steps=3,
+        ).run(25)  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["bfs", "dfs"])
+def test_local_search_needs_a_differentiable_reward_and_renoise(method):
+    chain = CHECKERBOARD.chain
+
+    def detached(x0):
+        return CHECKERBOARD.reward(x0).detach()
+
+    sampler = build_sampler(
+        method, chain.prior, chain.transition, detached, 20, renoise=chain.renoise, local_search_steps=1
+    )
+    with pytest.raises(ValueError, match=r"needs a differentiable reward.*differentiable=True"):
+        sampler.run(100)
+    with pytest.raises(ValueError, match=r"renoise=transition\.renoise"):
+        build_sampler(method, chain.prior, chain.transition, CHECKERBOARD.reward, 20, local_search_steps=1)
+    with pytest.raises(ValueError, match="local_search_steps must be a non-negative integer"):
+        build_sampler(method, chain.prior, chain.transition, CHECKERBOARD.reward, 20, renoise=chain.renoise,
+                      local_search_steps=-1)  # fmt: skip

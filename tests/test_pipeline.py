@@ -20,6 +20,8 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dts_diffusers import DTSPipeline, DTSPipelineOutput, DTSXLPipeline
+from dts_diffusers.dfs import DepthFirstSearch
+from dts_diffusers.rewards import CallableReward
 
 STEPS = 4
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -324,6 +326,9 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
         ({"reward": None}, ValueError, "reward is required"),
         ({"reward": "no-such-reward"}, ValueError, "unknown reward 'no-such-reward'"),
         ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError, "only 'latents'"),
+        ({"method": "dfs", "method_options": {"no_such": 1}}, ValueError, "has no option no_such; it takes"),
+        ({"method": "dfs", "method_options": {"seed": 1}}, ValueError, "set by the pipeline; use generator="),
+        ({"method": "dfs", "method_options": {"local_search_steps": 1}}, ValueError, "differentiable=True"),
     ],
 )
 def test_bad_input_raises_a_clear_error(pipe, kwargs, error, match):
@@ -349,3 +354,28 @@ def test_sdxl_same_generator_same_images(xl_path):
     pipe = DTSXLPipeline.from_pretrained(xl_path)
     pipe.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(pipe).images, run(pipe).images)
+
+
+def test_dfs_backtracks_within_the_budget(pipe):
+    out = run(pipe, method="dfs", nfe_budget=40, num_images_per_prompt=2, output_type="latent")
+    search = out.trees[0]
+    assert isinstance(search, DepthFirstSearch) and search.eval_levels == [4, 2]
+    assert 0 < out.nfe == search.nfe <= 40 and out.unet_evals == 2 * out.nfe
+    assert search.backtracks > 0 and search.stats()["running"] == 0
+    assert out.images.shape == (2, 4, 8, 8) and torch.isfinite(out.images).all()
+
+
+def test_local_search_differentiates_the_reward_through_the_vae(pipe):
+    with_gradient = []
+
+    def brightness(images, prompts):
+        with_gradient.append(images.requires_grad)
+        return images.mean(dim=(1, 2, 3))
+
+    reward = CallableReward(brightness)
+    reward.differentiable = True
+    options = {"local_search_steps": 1, "local_search_step_size": 0.5}
+    out = run(pipe, method="bfs", reward=reward, nfe_budget=24, method_options=options, output_type="latent")
+    assert out.nfe == 24 and out.trees[0].stats()["particles"] == 24 // (STEPS + 2)  # one more NFE per evaluation
+    assert with_gradient.count(True) == 2  # one ascent per evaluation level, through the VAE decoder
+    assert torch.isfinite(out.images).all()

@@ -153,3 +153,54 @@ def test_level_out_of_range_raises():
     transition = SchedulerTransition(DDIMScheduler(**SD_SCHEDULE), fake_model, NUM_STEPS)
     with pytest.raises(ValueError, match=r"level must lie in 1\.\.12"):
         transition(torch.zeros(SHAPE), 0, row_generators([0, 1]))
+
+
+STOCHASTIC = [
+    (DDIMScheduler, {}),
+    (DDPMScheduler, {}),
+    (EulerAncestralDiscreteScheduler, {}),
+    (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+]
+
+
+@pytest.mark.parametrize(("scheduler", "options"), STOCHASTIC)
+def test_renoise_from_x0_is_the_schedulers_add_noise(scheduler, options):
+    """From level 0, renoise is `scheduler.add_noise` at the level's timestep, row i's noise from generators[i]."""
+    reference = scheduler(**SD_SCHEDULE, **options)
+    reference.set_timesteps(NUM_STEPS)
+    transition = SchedulerTransition(scheduler(**SD_SCHEDULE, **options), fake_model, NUM_STEPS)
+    x0 = torch.randn(SHAPE)
+    for level in (1, 5, NUM_STEPS):
+        got = transition.renoise(x0, 0, level, row_generators([3, 4]))
+        noise = torch.stack([torch.randn(SHAPE[1:], generator=g) for g in row_generators([3, 4])])
+        timestep = reference.timesteps[NUM_STEPS - level]
+        expected = reference.add_noise(x0, noise, timestep.reshape(1))
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("scheduler", "options"), STOCHASTIC)
+def test_renoise_between_levels_has_the_forward_marginal(scheduler, options):
+    """x_lo = add_noise(x0, ·, t_lo) renoised to level hi has add_noise(x0, ·, t_hi)'s mean and spread."""
+    reference = scheduler(**SD_SCHEDULE, **options)
+    reference.set_timesteps(NUM_STEPS)
+    transition = SchedulerTransition(scheduler(**SD_SCHEDULE, **options), fake_model, NUM_STEPS)
+    x0 = torch.linspace(-1, 1, 8).repeat(20000, 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def noised(level):
+        timestep = reference.timesteps[NUM_STEPS - level].reshape(1)  # broadcast over the rows
+        return reference.add_noise(x0, torch.randn(x0.shape, generator=generator), timestep)
+
+    for low, high in ((2, 6), (6, 12)):
+        got = transition.renoise(noised(low), low, high, row_generators(range(len(x0))))
+        expected = noised(high)
+        torch.testing.assert_close(got.mean(0), expected.mean(0), atol=0.05 * expected.std(), rtol=0)
+        torch.testing.assert_close(got.std(0), expected.std(0), rtol=0.03, atol=0)
+
+
+def test_renoise_keeps_dtype_and_checks_levels():
+    transition = SchedulerTransition(DDIMScheduler(**SD_SCHEDULE), fake_model, NUM_STEPS)
+    x = torch.randn(SHAPE, dtype=torch.bfloat16)
+    assert transition.renoise(x, 3, 4, row_generators([0, 1])).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="renoise goes up the chain"):
+        transition.renoise(x, 4, 4, row_generators([0, 1]))
