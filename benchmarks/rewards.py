@@ -2,13 +2,13 @@
 
 Speed depends on shapes, not weight values, so each reward is built in memory with the published architecture
 (OpenAI CLIP ViT-L/14 for `clip` and `aesthetic`, BLIP ViT-L/16 + BERT-base for `image-reward`, CLIP ViT-H/14 for
-`pickscore`) and scores 512 x 512 images (SD v1.5 output size, so the resize is included). Text embeddings are cached
-after the warm-up call, as they are during a DTS run where the prompt is fixed. `hpsv2` (open_clip ViT-H/14, the
-PickScore shape) is timed only when open_clip is installed.
+`pickscore`, open_clip ViT-H-14 for `hpsv2`) and scores 512 x 512 images (SD v1.5 output size, so the resize is
+included). Text embeddings are cached after the warm-up call, as they are during a DTS run where the prompt is fixed.
+`hpsv2` is timed only when open_clip is installed (extra `hpsv2`), and is skipped (recorded under "skipped") otherwise.
 
-    python benchmarks/rewards.py                      # CPU: jpeg, aesthetic, clip (~5 min on 2 cores)
-    python benchmarks/rewards.py --rewards image-reward --output benchmarks/results/rewards_image_reward
-    python benchmarks/rewards.py --device cuda --rewards all
+    python benchmarks/rewards.py                      # every reward, CPU (~5 min on 2 idle cores)
+    python benchmarks/rewards.py --rewards hpsv2 --output benchmarks/results/rewards_hpsv2
+    python benchmarks/rewards.py --device cuda        # GPU: writes rewards_cuda.json / .png
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
@@ -66,8 +68,7 @@ BERT_BASE = {
 }
 VIT_L16 = {"image_size": 224, "patch_size": 16, "width": 1024, "depth": 24, "num_heads": 16, "mlp_hidden": 4096}
 PROCESSING = {"size": 224, "crop": 224, "mean": OPENAI_CLIP_MEAN, "std": OPENAI_CLIP_STD}
-CPU_DEFAULT = ["jpeg-compressibility", "aesthetic", "clip"]
-ALL = [*CPU_DEFAULT, "image-reward", "pickscore", "hpsv2"]
+ALL = ["jpeg-compressibility", "aesthetic", "clip", "image-reward", "pickscore", "hpsv2"]
 
 
 def small_tokenizers(directory: str) -> tuple[CLIPTokenizer, BertTokenizer]:
@@ -111,10 +112,10 @@ def build(name: str, device: str, dtype: torch.dtype, tokenizers) -> Reward:
     if name == "hpsv2":
         import open_clip
 
-        from dts_diffusers.rewards.hpsv2 import HPSv2
+        from dts_diffusers.rewards.hpsv2 import hpsv2_from_open_clip
 
         model = open_clip.create_model("ViT-H-14", pretrained=None).eval().requires_grad_(False)
-        return HPSv2(model, open_clip.get_tokenizer("ViT-H-14"), 224).to(device, dtype)
+        return hpsv2_from_open_clip(model, "ViT-H-14").to(device, dtype)
     raise ValueError(f"no benchmark for {name!r}; choose from {ALL}")
 
 
@@ -139,12 +140,24 @@ def time_reward(reward: Reward, batch: int, repeats: int, device: str, warm_up: 
     return sorted(times)[len(times) // 2]
 
 
-def plot(results: list[dict], path: str) -> None:
+def package_versions(names: list[str]) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", *(["open_clip_torch"] if "hpsv2" in names else [])):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def plot(report: dict, path: str) -> None:
+    """Bars per reward and batch size; a log axis only when the rates span more than 10x (JPEG vs the ViTs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = report["results"]
     names = list(dict.fromkeys(r["reward"] for r in results))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.38
@@ -156,10 +169,15 @@ def plot(results: list[dict], path: str) -> None:
         bars = ax.bar([i + offset for i in range(len(names))], values, width, label=f"batch {batch}")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_xticks(range(len(names)), names)
-    ax.set_yscale("log")
+    rates = [r["images_per_second"] for r in results]
+    if max(rates) > 10 * min(rates):
+        ax.set_yscale("log")
     ax.set_ylabel("images / second")
-    device = results[0]["device"]
-    ax.set_title(f"Reward throughput ({device}, {results[0]['dtype']}, 512 px inputs, random weights)")
+    ax.set_title(
+        f"Reward throughput ({report['device']}, {results[0]['dtype']}, torch {report['torch']}, "
+        f"{report['torch_threads']} threads)\n512 px inputs, random weights in the real shapes",
+        fontsize=10,
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -169,14 +187,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--rewards", nargs="+", default=None, help=f"subset of {ALL}, or 'all' (default: CPU set)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per batch size (default 3 CPU, 10 GPU)")
-    parser.add_argument("--output", default="benchmarks/results/rewards")
+    parser.add_argument("--rewards", nargs="+", default=["all"], help=f"subset of {ALL}, or 'all' (default)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per batch size (default 2 CPU, 10 GPU)")
+    parser.add_argument(
+        "--output", default="benchmarks/results/rewards", help="path without extension; GPU runs add '_cuda'"
+    )
     args = parser.parse_args()
 
     on_gpu = args.device.startswith("cuda")
-    names = ALL if args.rewards in (None, ["all"]) and on_gpu else args.rewards or CPU_DEFAULT
-    names = ALL if names == ["all"] else names
+    names = ALL if args.rewards == ["all"] else args.rewards
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        parser.error(f"unknown rewards {unknown}; choose from {ALL} or 'all'")
     repeats = args.repeats or (10 if on_gpu else 2)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -191,12 +213,16 @@ def main() -> None:
             for batch in (1, 16):
                 # on the CPU a ViT-L call at batch 16 takes minutes on 2 cores: time one call, warmed up by batch 1
                 full = batch == 1 or on_gpu or name.startswith("jpeg")
-                seconds = time_reward(reward, batch, repeats if full else 1, args.device, warm_up=full)
+                timed_calls = repeats if full else 1
+                seconds = time_reward(reward, batch, timed_calls, args.device, warm_up=full)
                 row = {
                     "reward": name,
                     "batch": batch,
                     "seconds_per_call": seconds,
                     "images_per_second": batch / seconds,
+                    "timed_calls": timed_calls,
+                    "own_warm_up_call": full,
+                    "load_average_1min": os.getloadavg()[0],
                 }
                 results.append(row | {"device": args.device, "dtype": args.dtype})
                 print(
@@ -208,11 +234,14 @@ def main() -> None:
     report = {
         "what": "reward images/second at batch 1 and 16; random weights in the real architectures' shapes; "
         "512x512 inputs; text embeddings cached after warm-up; median of timed calls (CPU, ViT models, batch 16: "
-        "one call, warmed up by the batch-1 calls)",
+        "one call, warmed up by the batch-1 calls); load_average_1min is the machine's load after the row (other "
+        "processes share the CPU)",
+        "command": " ".join(["python", *sys.argv]),
         "device": args.device,
         "device_name": device_name,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "packages": package_versions(names),
         "results": results,
         "skipped": skipped,
     }
@@ -221,7 +250,8 @@ def main() -> None:
     with open(f"{args.output}{suffix}.json.tmp", "w") as handle:
         json.dump(report, handle, indent=2)
     os.replace(f"{args.output}{suffix}.json.tmp", f"{args.output}{suffix}.json")
-    plot(results, f"{args.output}{suffix}.png")
+    if results:
+        plot(report, f"{args.output}{suffix}.png")
 
 
 if __name__ == "__main__":

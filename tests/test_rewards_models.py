@@ -20,6 +20,9 @@ from dts_diffusers.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 PROMPTS = ["a cat", "a dog", "a red cat", "dog and cat", "a cat"]
+HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
+needs_open_clip = pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip not installed (extra 'hpsv2')")
+TINY_OPEN_CLIP = "dts-test-tiny-ViT"  # registered with open_clip by save_tiny_hpsv2
 
 
 def save_tiny_clip(directory, seed: int, image_size: int = 32, resize: int = 32) -> None:
@@ -78,6 +81,23 @@ def save_tiny_image_reward(directory, seed: int = 0) -> None:
     torch.save(state, directory / "ImageReward.pt")
 
 
+def save_tiny_hpsv2(directory, seed: int = 5) -> None:
+    """A 2-layer open_clip ViT registered as TINY_OPEN_CLIP, saved as HPSv2 publishes it: {"state_dict": ...}."""
+    import open_clip
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    }
+    (directory / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(directory / f"{TINY_OPEN_CLIP}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, directory / "HPS_v2.1_compressed.pt")
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward-weights")
@@ -93,6 +113,8 @@ def weights(tmp_path_factory):
         {"layers." + k: torch.randn_like(v) * 0.3 for k, v in head.state_dict().items()}, aesthetic / AESTHETIC_FILE
     )
     save_tiny_image_reward(root / "image-reward")
+    if HAS_OPEN_CLIP:
+        save_tiny_hpsv2(root / "hpsv2")
     return root
 
 
@@ -108,6 +130,7 @@ def build(name: str, root, **kwargs):
             "pretrained_model_name_or_path": root / "image-reward",
             "tokenizer_name_or_path": root / "image-reward",
         },
+        "hpsv2": {"pretrained_model_name_or_path": root / "hpsv2", "model_name": TINY_OPEN_CLIP},
     }
     return load_reward(name, **paths[name], **kwargs)
 
@@ -116,7 +139,7 @@ def images_for(count: int, seed: int = 0, size: int = 40) -> torch.Tensor:
     return torch.rand(count, 3, size, size + 8, generator=torch.Generator().manual_seed(seed))
 
 
-MODEL_REWARDS = ["clip", "pickscore", "aesthetic", "image-reward"]
+MODEL_REWARDS = ["clip", "pickscore", "aesthetic", "image-reward", pytest.param("hpsv2", marks=needs_open_clip)]
 
 
 @pytest.mark.parametrize("name", MODEL_REWARDS)
@@ -135,7 +158,7 @@ def test_scores_follow_their_images_and_batches_equal_single_calls(weights, name
     torch.testing.assert_close(singles, scores, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["clip", "pickscore", "image-reward"])
+@pytest.mark.parametrize("name", ["clip", "pickscore", "image-reward", pytest.param("hpsv2", marks=needs_open_clip)])
 def test_prompt_changes_the_score_and_text_work_is_cached(weights, name):
     reward = build(name, weights)
     image = images_for(1).expand(2, -1, -1, -1)
@@ -249,6 +272,7 @@ def test_image_reward_rejects_unknown_and_missing_keys(weights, tmp_path):
         ("aesthetic", "camenduru/improved-aesthetic-predictor", AESTHETIC_FILE),
         ("clip", "openai/clip-vit-large-patch14", "model.safetensors"),
         ("pickscore", "yuvalkirstain/PickScore_v1", "model.safetensors"),
+        pytest.param("hpsv2", "xswu/HPSv2", "HPS_v2.1_compressed.pt", marks=needs_open_clip),
     ],
 )
 def test_offline_missing_weights_error_names_repo_file_and_local_option(name, repo, filename, tmp_path, monkeypatch):
@@ -271,3 +295,39 @@ def test_local_directory_without_the_file_says_so(tmp_path):
 def test_hpsv2_without_open_clip_says_how_to_install():
     with pytest.raises(ImportError, match=r"dts-diffusers\[hpsv2\]"):
         load_reward("hpsv2")
+
+
+def reference_hpsv2_scores(model, tokenizer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """hpsv2/img_score.py's score with HPSv2's eval transform (PIL -> ToTensor -> ResizeMaxSize -> Normalize)."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    size = model.visual.image_size[0]
+    pixels = []
+    for image in images:
+        tensor = TF.to_tensor(Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB"))
+        height, width = tensor.shape[1:]
+        scale = size / max(height, width)
+        new_size = [round(height * scale), round(width * scale)]
+        tensor = TF.resize(tensor, new_size, InterpolationMode.BICUBIC)
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        tensor = TF.pad(tensor, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        pixels.append(TF.normalize(tensor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+    image_features, text_features, _ = model(torch.stack(pixels), tokenizer(prompts))
+    return torch.diagonal(image_features @ text_features.T)
+
+
+@needs_open_clip
+@pytest.mark.parametrize(("height", "width"), [(40, 56), (56, 40), (64, 64)])
+def test_hpsv2_matches_the_reference_preprocessing_and_score(weights, height, width):
+    """Non-square images are fitted and zero-padded as HPSv2 does, not resized and cropped as CLIP is."""
+    import open_clip
+
+    images = torch.randint(0, 256, (3, 3, height, width), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    model = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+    model.load_state_dict(torch.load(weights / "hpsv2" / "HPS_v2.1_compressed.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        expected = reference_hpsv2_scores(model.eval(), open_clip.get_tokenizer(TINY_OPEN_CLIP), images, PROMPTS[:3])
+    scores = build("hpsv2", weights)(images / 255.0, PROMPTS[:3])
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)

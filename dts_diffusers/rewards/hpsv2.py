@@ -8,11 +8,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
 from .hub import resolve_file
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 
 HPSV2_REPO = "xswu/HPSv2"
 HPSV2_FILE = "HPS_v2.1_compressed.pt"
@@ -26,6 +27,23 @@ def import_open_clip():
             "the 'hpsv2' reward needs open_clip: pip install 'dts-diffusers[hpsv2]' (or pip install open_clip_torch)"
         ) from err
     return open_clip
+
+
+def resize_longest_side_and_pad(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's eval transform (`ResizeMaxSize`): fit the long side to `size`, then zero-pad to a centred square.
+
+    Unlike CLIP's resize-and-crop nothing is cut off a non-square image. HPSv2 resizes the float tensor (after
+    `ToTensor`) with torchvision's bicubic, antialiased and unclamped, which is what `F.interpolate` does here.
+    """
+    height, width = images.shape[-2:]
+    scale = size / max(height, width)
+    new_height, new_width = round(height * scale), round(width * scale)
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+        )
+    pad_height, pad_width = size - new_height, size - new_width
+    return F.pad(images, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2))
 
 
 class HPSv2(Reward):
@@ -48,9 +66,19 @@ class HPSv2(Reward):
         return torch.stack([self._text_cache[p].to(self.device) for p in prompts])
 
     def score(self, images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-        pixels = clip_preprocess(images, self.image_size, self.image_size, self.mean, self.std, dtype=self.dtype)
-        image_features = self.model.encode_image(pixels, normalize=True).float()
+        pixels = normalize(resize_longest_side_and_pad(images.float(), self.image_size), self.mean, self.std)
+        image_features = self.model.encode_image(pixels.to(self.dtype), normalize=True).float()
         return (image_features * self.text_embeddings(prompts)).sum(-1)
+
+
+def hpsv2_from_open_clip(model: nn.Module, model_name: str = "ViT-H-14") -> HPSv2:
+    """Wrap an open_clip model: input size from its vision tower, and the OpenAI mean/std HPSv2 normalises with."""
+    open_clip = import_open_clip()
+    image_size = model.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
+    return HPSv2(model, open_clip.get_tokenizer(model_name), int(image_size), mean, std)
 
 
 def load_hpsv2(
@@ -74,8 +102,4 @@ def load_hpsv2(
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=True)
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
-    return HPSv2(model, open_clip.get_tokenizer(model_name), int(image_size), mean, std)
+    return hpsv2_from_open_clip(model, model_name)
