@@ -1,18 +1,19 @@
-"""Class-conditional sampling of handwritten digits with the bundled tiny Stable Diffusion model.
+"""Class-conditional sampling and reward search on handwritten digits with the bundled tiny Stable Diffusion model.
 
-The base model is prompted with "a handwritten digit" (no class), and the reward is the shipped digit classifier's
-log p(digit | x); with λ = 1 the target p(x)·p(digit | x) is the class-conditional distribution of the base model. For
-DTS, DTS*, best-of-N, SMC and BFS at equal NFE, several seeds, it measures against NFE:
+The base model is prompted with "a handwritten digit" (no class). Two tasks, every method at equal NFE, several seeds:
 
-- judge accuracy: the share of drawn images that the held-out judge classifier (trained on the other half of the
-  data, never used for steering) labels as the target digit;
-- FID in the judge's feature space: Fréchet distance between Gaussian fits of the judge features of the drawn images
-  and of the real digits of that class;
-- diversity: mean pairwise distance between the judge features of the drawn images;
-- best reward found, and mean reward of the drawn images.
+- sampling: the reward is the shipped digit classifier's log p(digit | x); with λ = 1 the target p(x)·p(digit | x) is
+  the base model's class-conditional distribution. DTS against best-of-N (importance resampling), SMC and FK-steering,
+  measured by judge accuracy (the share of drawn images that the held-out judge classifier, trained on the other half
+  of the data and never used for steering, labels as the digit), FID in the judge's feature space against the real
+  digits of that class, and diversity (mean pairwise distance of judge features);
+- search: the reward is the digit's classifier logit (log p saturates at 0, the logit keeps rising). DTS* against
+  best-of-N, BFS (the classical-search paper's best: increasing temperature, max scoring, SSP), SVDD, DFS with
+  backtracking, and BFS with local search, measured by the best reward found.
 
 It reports the NFE at which DTS first matches the best sampling baseline's FID at its largest budget, and the NFE at
-which DTS* first matches best-of-N's best reward at its largest budget. Writes benchmarks/results/digits.json,
+which DTS* first matches best-of-N's best reward at its largest budget. Anytime methods (the tree, best-of-N)
+are grown through every budget; the others are rerun at every other budget. Writes benchmarks/results/digits.json,
 digits.png and digits.md. `--quick` runs tiny budgets (a smoke test, not results).
 """
 
@@ -33,15 +34,26 @@ from dts_diffusers.rewards import load_reward
 
 RESULTS = Path(__file__).parent / "results"
 PROMPT = "a handwritten digit"
-METHODS = {  # label -> (method, mode)
-    "DTS": ("dts", "sample"),
-    "DTS*": ("dts*", "search"),
-    "best-of-N": ("best-of-n", "sample"),
-    "SMC": ("smc", "sample"),
-    "BFS": ("bfs", "search"),
+TASKS = {  # task -> {label: (method, method_options)}; sampling runs mode="sample", search mode="search"
+    "sampling": {
+        "DTS": ("dts", {}),
+        "best-of-N": ("best-of-n", {}),
+        "SMC": ("smc", {}),
+        "FK": ("fk", {}),
+    },
+    "search": {
+        "DTS*": ("dts*", {}),
+        "best-of-N": ("best-of-n", {}),
+        "BFS": ("bfs", {}),
+        "SVDD": ("svdd", {}),
+        "DFS": ("dfs", {}),
+        "BFS + local search": ("bfs", {"local_search_steps": 1, "local_search_step_size": 0.05}),
+    },
 }
-ANYTIME = {"dts", "dts*", "best-of-n"}  # a later run continues the same sampler exactly
-SAMPLING_BASELINES = ("best-of-N", "SMC")
+REWARD_OUTPUT = {"sampling": "log_prob", "search": "logit"}
+ANYTIME = {"dts", "dts*", "best-of-n"}  # a later run continues the same sampler exactly (DFS does not: backtracks
+# affordable near the end of one budget differ)
+SAMPLING_BASELINES = ("best-of-N", "SMC", "FK")
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,7 +61,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     mean_a, mean_b = a.mean(0), b.mean(0)
     ridge = 1e-6 * np.eye(a.shape[1])  # fewer samples than feature dimensions leave the covariances singular
     cov_a, cov_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
 
 
@@ -70,65 +82,71 @@ def evaluate(images: torch.Tensor, digit: int, judge, real_features: np.ndarray)
     }
 
 
-def run_method(pipe, label, digit, seed, budgets, args, reward, judge, real_features) -> list[dict]:
-    method, mode = METHODS[label]
+def run_method(pipe, task, label, digit, seed, budgets, args, reward, judge, real_features) -> list[dict]:
+    method, options = TASKS[task][label]
     rows, trees, spent = [], None, 0
-    for budget in budgets:
+    for index, budget in enumerate(budgets):
+        if method not in ANYTIME and index % 2 != (len(budgets) - 1) % 2:
+            continue  # rerun from scratch only at every other budget, always including the largest
         start = time.perf_counter()
         output = pipe(
             PROMPT,
             reward=reward,
             lam=args.lam,
             nfe_budget=budget - spent if method in ANYTIME else budget,
-            mode=mode,
+            mode="sample" if task == "sampling" else "search",
             method=method,
+            method_options=options or None,
             num_inference_steps=args.steps,
             guidance_scale=1.0,
             num_images_per_prompt=args.draws,
             rollout_batch_size=args.batch_size,
             branch_every=args.branch_every,
-            generator=torch.Generator("cpu").manual_seed(1000 * seed + list(METHODS).index(label)),
+            generator=torch.Generator("cpu").manual_seed(1000 * seed + list(TASKS[task]).index(label)),
             output_type="pt",
             tree=trees,
         )
         if method in ANYTIME:
             trees, spent = output.trees, budget
         sampler = output.trees[0]
-        rows.append(
-            {
-                "method": label,
-                "digit": digit,
-                "seed": seed,
-                "nfe": sampler.nfe,
-                "best_reward": sampler.stats()["best_reward"],
-                "mean_reward": float(output.rewards.mean()),
-                "seconds": time.perf_counter() - start,
-                **evaluate(output.images.float().cpu(), digit, judge, real_features),
-            }
-        )
+        row = {
+            "task": task,
+            "method": label,
+            "digit": digit,
+            "seed": seed,
+            "budget": budget,
+            "nfe": sampler.nfe,
+            "best_reward": sampler.stats()["best_reward"],
+            "mean_reward": float(output.rewards.mean()),
+            "seconds": time.perf_counter() - start,
+            **evaluate(output.images.float().cpu(), digit, judge, real_features),
+        }
+        rows.append(row)
         print(
-            f"  {label:9s} digit {digit} seed {seed} nfe {sampler.nfe:5d}: acc {rows[-1]['judge_accuracy']:.2f} "
-            f"fid {rows[-1]['fid']:8.2f} div {rows[-1]['diversity']:.2f} best r {rows[-1]['best_reward']:.3f} "
-            f"({rows[-1]['seconds']:.1f} s)",
+            f"  {task:8s} {label:18s} digit {digit} seed {seed} nfe {row['nfe']:5d}: acc {row['judge_accuracy']:.2f} "
+            f"fid {row['fid']:8.2f} div {row['diversity']:.2f} best r {row['best_reward']:.3f} "
+            f"({row['seconds']:.1f} s)",
             flush=True,
         )
     return rows
 
 
-def aggregate(rows: list[dict], budgets: list[int]) -> dict:
-    """Mean over digits and seeds per (method, budget)."""
-    table = {}
-    for label in dict.fromkeys(r["method"] for r in rows):
-        table[label] = {}
-        for index, _ in enumerate(budgets):
-            picked = [r for r in rows if r["method"] == label and r["budget_index"] == index]
-            if not picked:
-                continue
-            table[label][index] = {
-                key: float(np.mean([r[key] for r in picked]))
-                for key in ("nfe", "judge_accuracy", "fid", "diversity", "best_reward", "mean_reward", "seconds")
-            }
-    return table
+METRICS = ("nfe", "judge_accuracy", "fid", "diversity", "best_reward", "mean_reward", "seconds")
+
+
+def aggregate(rows: list[dict], task: str) -> dict:
+    """Mean over digits and seeds per (method, budget): {label: {budget: {metric: mean}}}."""
+    table: dict = {}
+    for row in rows:
+        if row["task"] == task:
+            table.setdefault(row["method"], {}).setdefault(row["budget"], []).append(row)
+    return {
+        label: {
+            budget: {key: float(np.mean([r[key] for r in picked])) for key in METRICS}
+            for budget, picked in sorted(curve.items())
+        }
+        for label, curve in table.items()
+    }
 
 
 def first_budget(curve: dict, key: str, target: float, lower_is_better: bool) -> int | None:
@@ -138,61 +156,80 @@ def first_budget(curve: dict, key: str, target: float, lower_is_better: bool) ->
     return None
 
 
-def claims(table: dict) -> dict:
+def claims(sampling: dict, search: dict, largest: int) -> dict:
     """The two headline comparisons, each only when the methods it needs were run."""
     found = {}
-    baselines = [label for label in SAMPLING_BASELINES if label in table]
-    if "DTS" in table and baselines:
-        last = max(table["DTS"])
-        best_label = min(baselines, key=lambda label: table[label][last]["fid"])
-        target_fid = table[best_label][last]["fid"]
-        dts_nfe = first_budget(table["DTS"], "fid", target_fid, lower_is_better=True)
-        largest = int(table[best_label][last]["nfe"])
+    baselines = [label for label in SAMPLING_BASELINES if largest in sampling.get(label, {})]
+    if "DTS" in sampling and baselines:
+        best_label = min(baselines, key=lambda label: sampling[label][largest]["fid"])
+        target_fid = sampling[best_label][largest]["fid"]
+        dts_nfe = first_budget(sampling["DTS"], "fid", target_fid, lower_is_better=True)
+        baseline_nfe = int(sampling[best_label][largest]["nfe"])
         found["fid"] = {
             "best_baseline": best_label,
-            "baseline_nfe": largest,
+            "baseline_nfe": baseline_nfe,
             "baseline_fid": target_fid,
             "dts_nfe_to_match": dts_nfe,
-            "dts_fid_at_largest": table["DTS"][last]["fid"],
-            "speedup": largest / dts_nfe if dts_nfe else None,
+            "dts_fid_at_largest": sampling["DTS"][largest]["fid"],
+            "speedup": baseline_nfe / dts_nfe if dts_nfe else None,
         }
-    if "DTS*" in table and "best-of-N" in table:
-        last = max(table["DTS*"])
-        target_reward = table["best-of-N"][last]["best_reward"]
-        star_nfe = first_budget(table["DTS*"], "best_reward", target_reward, lower_is_better=False)
-        largest = int(table["best-of-N"][last]["nfe"])
+    if "DTS*" in search and "best-of-N" in search:
+        target_reward = search["best-of-N"][largest]["best_reward"]
+        star_nfe = first_budget(search["DTS*"], "best_reward", target_reward, lower_is_better=False)
+        baseline_nfe = int(search["best-of-N"][largest]["nfe"])
         found["best_reward"] = {
-            "best_of_n_nfe": largest,
+            "best_of_n_nfe": baseline_nfe,
             "best_of_n_best_reward": target_reward,
             "dts_star_nfe_to_match": star_nfe,
-            "dts_star_best_reward_at_largest": table["DTS*"][last]["best_reward"],
-            "speedup": largest / star_nfe if star_nfe else None,
+            "dts_star_best_reward_at_largest": search["DTS*"][largest]["best_reward"],
+            "speedup": baseline_nfe / star_nfe if star_nfe else None,
         }
     return found
 
 
-def markdown(table: dict, budgets: list[int], found: dict, args) -> str:
-    shown = sorted({0, len(budgets) // 2, len(budgets) - 1})
+def ranking_table(table: dict, budgets: list[int], key: str, lower_is_better: bool, cell) -> list[str]:
+    """Methods ranked by `key` at each budget every method was run at (rank 1 = best)."""
+    lines = ["| rank | " + " | ".join(f"NFE {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    columns = []
+    for budget in budgets:
+        ranked = sorted(table, key=lambda label: table[label][budget][key] * (1 if lower_is_better else -1))
+        columns.append([f"{label}: {cell(table[label][budget])}" for label in ranked])
+    for rank, cells in enumerate(zip(*columns, strict=True), start=1):
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(sampling: dict, search: dict, found: dict, args) -> str:
+    shown = args.budgets[len(args.budgets) % 2 == 0 :: 2]  # the budgets every method was run at
     lines = [
-        f"Digits {list(args.digits)}, seeds {list(args.seeds)}, {args.steps} steps, λ={args.lam}, {args.draws} images "
-        "drawn per run; mean over digits and seeds. FID and diversity in the held-out judge's feature space.",
+        f"Digits {list(args.digits)}, seeds {list(args.seeds)}, {args.steps} steps, branch every {args.branch_every}, "
+        f"λ={args.lam}, {args.draws} images drawn per run; mean over digits and seeds.",
         "",
-        "| method | " + " | ".join(f"NFE {budgets[i]}: acc / FID / div / best r" for i in shown) + " |",
-        "|---|" + "---|" * len(shown),
+        "Sampling (reward log p(digit | x)), ranked by FID in the held-out judge's feature space "
+        "(cell: FID / judge accuracy / diversity):",
+        "",
+        *ranking_table(
+            sampling,
+            shown,
+            "fid",
+            True,
+            lambda p: f"{p['fid']:.3g} / {p['judge_accuracy']:.2f} / {p['diversity']:.3g}",
+        ),
+        "",
+        "Search (reward: the digit's logit), ranked by the best reward found (cell: best reward / judge accuracy of "
+        "the drawn images):",
+        "",
+        *ranking_table(
+            search, shown, "best_reward", False, lambda p: f"{p['best_reward']:.2f} / {p['judge_accuracy']:.2f}"
+        ),
+        "",
     ]
-    for label, curve in table.items():
-        cells = []
-        for i in shown:
-            p = curve[i]
-            cells.append(f"{p['judge_accuracy']:.2f} / {p['fid']:.3g} / {p['diversity']:.3g} / {p['best_reward']:.3f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append("")
     if "fid" in found:
         fid = found["fid"]
         matched = (
             f"DTS matches it at NFE {fid['dts_nfe_to_match']} ({fid['speedup']:.1f}× fewer)"
             if fid["dts_nfe_to_match"]
-            else f"DTS does not match it within NFE {budgets[-1]} (DTS FID there: {fid['dts_fid_at_largest']:.3g})"
+            else f"DTS does not match it within NFE {args.budgets[-1]} (DTS FID there: {fid['dts_fid_at_largest']:.3g})"
         )
         lines.append(
             f"- Best sampling baseline at NFE {fid['baseline_nfe']}: {fid['best_baseline']} with FID "
@@ -203,7 +240,7 @@ def markdown(table: dict, budgets: list[int], found: dict, args) -> str:
         star = (
             f"DTS* matches it at NFE {reward['dts_star_nfe_to_match']} ({reward['speedup']:.1f}× fewer)"
             if reward["dts_star_nfe_to_match"]
-            else f"DTS* does not match it within NFE {budgets[-1]} (DTS* best there: "
+            else f"DTS* does not match it within NFE {args.budgets[-1]} (DTS* best there: "
             f"{reward['dts_star_best_reward_at_largest']:.3f})"
         )
         lines.append(
@@ -213,16 +250,17 @@ def markdown(table: dict, budgets: list[int], found: dict, args) -> str:
     return "\n".join(lines)
 
 
-def plot(table: dict, path: Path) -> None:
+def plot(sampling: dict, search: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("fid", "FID (judge features) ↓"), ("judge_accuracy", "judge accuracy ↑"), ("diversity", "diversity"),
-            ("best_reward", "best reward found ↑")]  # fmt: skip
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
-    for axis, (key, title) in zip(axes, keys, strict=True):
+    panels = [(sampling, "fid", "sampling: FID (judge features) ↓"), (sampling, "judge_accuracy", "sampling: judge "
+              "accuracy ↑"), (sampling, "diversity", "sampling: diversity"), (search, "best_reward", "search: best "
+              "logit found ↑")]  # fmt: skip
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (table, key, title) in zip(axes, panels, strict=True):
         for label, curve in table.items():
             points = list(curve.values())
             axis.plot([p["nfe"] for p in points], [p[key] for p in points], "o-", label=label, markersize=3)
@@ -230,10 +268,19 @@ def plot(table: dict, path: Path) -> None:
         axis.set_xlabel("NFE")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=120)
     plt.close(figure)
+    tmp.replace(path)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main() -> None:
@@ -241,7 +288,7 @@ def main() -> None:
     parser.add_argument("--digits", type=int, nargs="+", default=[0, 3, 7])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--budgets", type=int, nargs="+", default=[500, 1000, 2000, 4000, 8000])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--branch-every", type=int, default=4)
     parser.add_argument("--lam", type=float, default=1.0)
@@ -251,31 +298,31 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
-        args.digits, args.seeds, args.budgets, args.draws = args.digits[:1], args.seeds[:1], [40, 80], 8
+        args.digits, args.seeds, args.budgets, args.draws = args.digits[:1], args.seeds[:1], [40, 80, 120], 8
     torch.manual_seed(0)
     pipe = DTSPipeline.from_pretrained(digits.bundled_model_path())
     pipe.set_progress_bar_config(disable=True)
     judge = digits.load_digit_classifier("judge")
     rows, start = [], time.perf_counter()
     for digit in args.digits:
-        reward = load_reward("digit-classifier", digit=digit)
         real_features = digits.judge_features(digits.real_digit_images(digit)).double().numpy()
-        for seed in args.seeds:
-            for label in args.methods:
-                for index, row in enumerate(
-                    run_method(pipe, label, digit, seed, args.budgets, args, reward, judge, real_features)
-                ):
-                    rows.append({**row, "budget_index": index})
-    table = aggregate(rows, args.budgets)
-    found = claims(table)
-    report = markdown(table, args.budgets, found, args)
+        for task in args.tasks:
+            # differentiable for local search; under the pipeline's no_grad the other methods build no graph
+            reward = load_reward("digit-classifier", digit=digit, output=REWARD_OUTPUT[task], differentiable=True)
+            for seed in args.seeds:
+                for label in TASKS[task]:
+                    rows += run_method(pipe, task, label, digit, seed, args.budgets, args, reward, judge, real_features)
+    sampling, search = aggregate(rows, "sampling"), aggregate(rows, "search")
+    found = claims(sampling, search, args.budgets[-1])
+    report = markdown(sampling, search, found, args)
     print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "digits-quick" if args.quick else "digits"
     record = {
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"prompt": PROMPT},
+        "methods": {task: {label: list(spec) for label, spec in specs.items()} for task, specs in TASKS.items()},
         "claims": found,
-        "mean_over_digits_and_seeds": {label: list(curve.values()) for label, curve in table.items()},
+        "mean_over_digits_and_seeds": {"sampling": sampling, "search": search},
         "rows": rows,
         "wall_seconds": time.perf_counter() - start,
         "machine": {
@@ -284,9 +331,9 @@ def main() -> None:
             "threads": torch.get_num_threads(),
         },
     }
-    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / f"{name}.md").write_text(report + "\n")
-    plot(table, args.out / f"{name}.png")
+    write_atomically(args.out / f"{name}.json", json.dumps(record, indent=2) + "\n")
+    write_atomically(args.out / f"{name}.md", report + "\n")
+    plot(sampling, search, args.out / f"{name}.png")
 
 
 if __name__ == "__main__":
