@@ -34,6 +34,7 @@ import torch
 from .engine import Timings, call_transition, check_finite_rewards, check_lambda, default_branch_levels
 from .noise import row_generators
 from .particles import check_local_search, refine_locally, reward_ascent
+from .resampling import stratified_draws
 
 NEEDS_RENOISE = (
     "DFS backtracks by re-noising with the forward process: pass renoise=transition.renoise (SchedulerTransition, "
@@ -184,7 +185,7 @@ class DepthFirstSearch:
             self._draw_calls += 1
             gap = rewards - rewards.max()
             probs = (gap == 0).astype(float) if math.isinf(self.lam) else np.exp(self.lam * gap)  # λ = ∞: the best
-            index = rng.choice(rewards.size, size=n, p=probs / probs.sum())
+            index = stratified_draws(probs, n, rng)
         x0 = torch.cat([self._x0[i] for i in index])
         return (x0, torch.as_tensor(rewards[index], dtype=torch.float32)) if return_rewards else x0
 

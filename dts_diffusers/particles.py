@@ -27,7 +27,7 @@ import torch
 
 from .engine import Timings, call_transition, check_finite_rewards, check_lambda, default_branch_levels
 from .noise import row_generators
-from .resampling import RESAMPLERS, effective_sample_size
+from .resampling import RESAMPLERS, effective_sample_size, stratified_draws
 
 TEMPERATURES = ("constant", "increase", "inf")
 SCORINGS = ("current", "difference", "max")
@@ -265,7 +265,7 @@ class ParticleSearch:
             probs = np.exp(log_w - log_w.max())
             rng = np.random.Generator(np.random.PCG64([self.seed, 1, self._draw_calls]))
             self._draw_calls += 1
-            index = rng.choice(log_w.size, size=n, p=probs / probs.sum())
+            index = stratified_draws(probs, n, rng)
         return self._gather(index, rewards, return_rewards)
 
     def best(self) -> tuple[torch.Tensor, float]:

@@ -16,6 +16,13 @@ def systematic(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return np.searchsorted(cdf, (rng.random() + np.arange(n)) / n, side="right")
 
 
+def stratified_draws(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n indices ∝ weights, each one marginally a weighted draw, jointly systematic (fewer repeats), in random order."""
+    index = systematic(weights, n, rng)
+    rng.shuffle(index)
+    return index
+
+
 def ssp_counts(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Srinivasan sampling process: particle i gets ⌊n·w_i⌋ or ⌈n·w_i⌉ copies, n in total, E[copies] = n·w_i.
 
