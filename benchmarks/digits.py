@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ranking import ranking_table, write_atomically
 from scipy import linalg
 
 from dts_diffusers import DTSPipeline, digits
@@ -187,18 +188,6 @@ def claims(sampling: dict, search: dict, largest: int) -> dict:
     return found
 
 
-def ranking_table(table: dict, budgets: list[int], key: str, lower_is_better: bool, cell) -> list[str]:
-    """Methods ranked by `key` at each budget every method was run at (rank 1 = best)."""
-    lines = ["| rank | " + " | ".join(f"NFE {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    columns = []
-    for budget in budgets:
-        ranked = sorted(table, key=lambda label: table[label][budget][key] * (1 if lower_is_better else -1))
-        columns.append([f"{label}: {cell(table[label][budget])}" for label in ranked])
-    for rank, cells in enumerate(zip(*columns, strict=True), start=1):
-        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
-    return lines
-
-
 def markdown(sampling: dict, search: dict, found: dict, args) -> str:
     shown = args.budgets[len(args.budgets) % 2 == 0 :: 2]  # the budgets every method was run at
     lines = [
@@ -274,12 +263,6 @@ def plot(sampling: dict, search: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp.png")
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
-    tmp.replace(path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
     tmp.replace(path)
 
 

@@ -1,13 +1,16 @@
-"""Distance to the exact target π* against NFE on exact toy chains, for DTS, DTS*, best-of-N and SMC.
+"""Exact toy chains: distance to π* for the samplers, reward found for the searchers, all at equal NFE.
 
-- bimodal-1d: an exact 20-step mixture chain with a rare high-reward mode (the setting of the known finding in
-  issue 2): Wasserstein-1 to π* and the mass on the high mode, for DTS with the held-out estimator (default), DTS with
-  the paper's rule, best-of-N with importance resampling and SMC.
-- gmm-2d: the paper's 2D GMM task (100 steps, branch every 20): MMD to π*, and the NFE at which each method first
-  reaches a given MMD.
+- sampling, bimodal-1d: an exact 20-step mixture chain with a rare high-reward mode (the setting of the known finding
+  in issue 2): Wasserstein-1 to π* and the mass on the high mode, for DTS with the held-out estimator (default), DTS
+  with the paper's rule, best-of-N with importance resampling, SMC and FK-steering.
+- sampling, gmm-2d: the paper's 2D GMM task (100 steps, branch every 20): MMD to π*, and the NFE at which each method
+  first reaches the best baseline's MMD at the largest budget.
+- search, gmm-2d: DTS*, best-of-N, BFS (increasing temperature, max scoring, SSP), SVDD, DFS with backtracking and
+  BFS with local search: the mean reward of the 100 best samples each returns, and the best reward found.
 - engine cost: bookkeeping time per iteration (selection, expansion, backup) at 10^4 and 10^5 nodes, and the share
   of wall time spent outside `transition` and `reward` on the 2D task.
 
+Draws in sample mode are stratified for every method (systematic shares), so the comparison is between estimators.
 Writes benchmarks/results/toy.json and toy.png. `--quick` runs tiny budgets (a smoke test, not results).
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ranking import ranking_table, write_atomically
 from scipy.stats import wasserstein_distance
 
 from dts_diffusers.engine import DTS
@@ -29,15 +33,25 @@ from dts_diffusers.methods import build_sampler
 from dts_diffusers.toy import ToyTask, bimodal_1d, gmm_2d
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = {  # label -> (method, options)
+SAMPLERS = {  # label -> (method, options)
     "DTS (held-out)": ("dts", {}),
     "DTS (paper rule)": ("dts", {"estimator": "paper"}),
-    "DTS*": ("dts*", {}),
     "best-of-N": ("best-of-n", {}),
     "SMC": ("smc", {}),
+    "FK": ("fk", {}),
 }
-ANYTIME = {"dts", "dts*", "best-of-n"}
-COLORS = dict(zip(METHODS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True))
+SEARCHERS = {
+    "DTS*": ("dts*", {}),
+    "best-of-N": ("best-of-n", {"mode": "search"}),
+    "BFS": ("bfs", {"mode": "search"}),
+    "SVDD": ("svdd", {"mode": "search"}),
+    "DFS": ("dfs", {"mode": "search"}),
+    "BFS + local search": ("bfs", {"mode": "search", "local_search_steps": 1, "local_search_step_size": 0.01}),
+}
+ANYTIME = {"dts", "dts*", "best-of-n"}  # a later run(b) continues the same sampler exactly
+TOP = 100  # search: mean reward of the best TOP samples returned
+PALETTE = ("tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:green", "tab:pink", "tab:gray")
+COLORS = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys([*SAMPLERS, *SEARCHERS]))}
 
 
 def mmd(x: np.ndarray, y: np.ndarray, bandwidths=(0.5, 1.0, 2.0)) -> float:
@@ -57,8 +71,9 @@ def distances(task: ToyTask, drawn: torch.Tensor, reference: torch.Tensor) -> di
     return {"mmd": mmd(drawn.numpy(), reference.numpy())}
 
 
-def run_method(task: ToyTask, label: str, budgets: list[int], seed: int, draws: int, reference) -> list[dict]:
-    method, options = METHODS[label]
+def run_method(task: ToyTask, methods: dict, label: str, budgets: list[int], seed: int, measure) -> list[dict]:
+    """Grow an anytime sampler through the budgets (rebuild the others at each) and measure it at every budget."""
+    method, options = methods[label]
     rows = []
     make = lambda: build_sampler(  # noqa: E731
         method,
@@ -70,20 +85,24 @@ def run_method(task: ToyTask, label: str, budgets: list[int], seed: int, draws: 
         seed=seed,
         branch_levels=task.branch_levels,
         batch_size=16,
+        renoise=task.chain.renoise,
         **options,
     )
     sampler = make()
     for budget in budgets:
-        if method not in ANYTIME:  # SMC spends its whole budget on one population
+        if method not in ANYTIME:
             sampler = make()
         start = time.perf_counter()
         sampler.run(budget - sampler.nfe)
         elapsed = time.perf_counter() - start
-        drawn = sampler.sample(draws)
-        rows.append(
-            {"method": label, "seed": seed, "nfe": sampler.nfe, "seconds": elapsed, **distances(task, drawn, reference)}
-        )
+        row = {"method": label, "seed": seed, "budget": budget, "nfe": sampler.nfe, "seconds": elapsed}
+        rows.append(row | measure(sampler))
     return rows
+
+
+def search_measure(sampler) -> dict:
+    _, rewards = sampler.sample(TOP, return_rewards=True)
+    return {"top_mean_reward": float(rewards.mean()), "best_reward": float(sampler.best()[1])}
 
 
 def noise_floor(task: ToyTask, draws: int, seeds: int) -> dict:
@@ -117,21 +136,22 @@ def engine_cost(quick: bool) -> dict:
     return out
 
 
-def first_reaching(rows: list[dict], label: str, key: str, threshold: float):
-    by_nfe = {}
+def first_reaching(rows: list[dict], label: str, key: str, threshold: float) -> int | None:
+    """The first budget at which the median over seeds of `key` is at or below `threshold`."""
+    by_budget = {}
     for r in rows:
         if r["method"] == label:
-            by_nfe.setdefault(r["nfe"], []).append(r[key])
-    for nfe in sorted(by_nfe):
-        if np.median(by_nfe[nfe]) <= threshold:
-            return nfe
+            by_budget.setdefault(r["budget"], []).append(r[key])
+    for budget in sorted(by_budget):
+        if np.median(by_budget[budget]) <= threshold:
+            return budget
     return None
 
 
 def summarise(rows: list[dict], key: str) -> dict:
     table = {}
     for r in rows:
-        table.setdefault(r["method"], {}).setdefault(r["nfe"], []).append(r[key])
+        table.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r[key])
     return {
         m: {
             str(n): {"median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
@@ -141,60 +161,106 @@ def summarise(rows: list[dict], key: str) -> dict:
     }
 
 
+def medians(entry: dict, keys: tuple[str, ...]) -> dict:
+    """{label: {budget: {key: median}}} from an entry's summaries, for the ranking tables."""
+    labels = entry["summary"][keys[0]]
+    return {
+        m: {b: {k: entry["summary"][k][m][str(b)]["median"] for k in keys} for b in entry["budgets"]} for m in labels
+    }
+
+
+def markdown(report: dict) -> str:
+    shown = report["gmm-2d"]["budgets"][::2]
+    lines = [
+        f"Medians over {report['seeds']} seeds; {report['draws']} draws per sampler; ranked at three budgets.",
+        "",
+        "Sampling, bimodal-1d (cell: W1 to π* / high-mode mass; π* puts "
+        f"{report['bimodal-1d']['target_high_mode_mass']:.3f} there, noise floor W1 "
+        f"{report['bimodal-1d']['noise_floor']['w1']:.3f}):",
+        "",
+        *ranking_table(
+            medians(report["bimodal-1d"], ("w1", "high_mode_mass")),
+            shown,
+            "w1",
+            True,
+            lambda p: f"{p['w1']:.3f} / {p['high_mode_mass']:.2f}",
+        ),
+        "",
+        f"Sampling, gmm-2d (cell: MMD to π*; noise floor {report['gmm-2d']['noise_floor']['mmd']:.3f}):",
+        "",
+        *ranking_table(medians(report["gmm-2d"], ("mmd",)), shown, "mmd", True, lambda p: f"{p['mmd']:.3f}"),
+        "",
+        f"Search, gmm-2d (cell: mean reward of the {TOP} best samples returned / best reward found):",
+        "",
+        *ranking_table(
+            medians(report["search-gmm-2d"], ("top_mean_reward", "best_reward")),
+            shown,
+            "top_mean_reward",
+            False,
+            lambda p: f"{p['top_mean_reward']:.3f} / {p['best_reward']:.3f}",
+        ),
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not results")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = 1 if args.quick else args.seeds
     draws = 300 if args.quick else 2000
+    budgets = [400, 1000, 2000] if args.quick else [1000, 3000, 10_000, 30_000, 100_000]
     report: dict = {"platform": platform.platform(), "torch": torch.__version__, "draws": draws, "seeds": seeds}
 
-    tasks = {
-        "bimodal-1d": (bimodal_1d(), [400, 1000] if args.quick else [1000, 3000, 10_000, 30_000, 100_000], "w1"),
-        "gmm-2d": (gmm_2d(), [400, 1000] if args.quick else [1000, 3000, 10_000, 30_000, 100_000], "mmd"),
-    }
-    for name, (task, budgets, key) in tasks.items():
+    for name, task, key in (("bimodal-1d", bimodal_1d(), "w1"), ("gmm-2d", gmm_2d(), "mmd")):
         reference = task.target_samples(draws, 0)
-        labels = [m for m in METHODS if not (name == "bimodal-1d" and m == "DTS*")]
+
+        def measure(sampler, task=task, reference=reference) -> dict:
+            return distances(task, sampler.sample(draws), reference)
+
         rows = []
-        for label in labels:
+        for label in SAMPLERS:
             for seed in range(seeds):
-                rows += run_method(task, label, budgets, seed, draws, reference)
+                rows += run_method(task, SAMPLERS, label, budgets, seed, measure)
                 print(name, label, seed, rows[-1], flush=True)
         floor = noise_floor(task, draws, 5)
         entry = {"budgets": budgets, "noise_floor": floor, "rows": rows, "summary": {key: summarise(rows, key)}}
         if name == "bimodal-1d":
             entry["target_high_mode_mass"] = float((task.target_samples(200_000, 1) > 0).float().mean())
             entry["summary"]["high_mode_mass"] = summarise(rows, "high_mode_mass")
-        threshold = 2 * floor[key]
-        entry["threshold"] = threshold
-        entry["first_nfe_within_2x_noise_floor"] = {m: first_reaching(rows, m, key, threshold) for m in labels}
+        entry["threshold"] = 2 * floor[key]
+        entry["first_nfe_within_2x_noise_floor"] = {m: first_reaching(rows, m, key, 2 * floor[key]) for m in SAMPLERS}
+        largest = str(budgets[-1])
+        baseline = min(("best-of-N", "SMC", "FK"), key=lambda m: entry["summary"][key][m][largest]["median"])
+        target = entry["summary"][key][baseline][largest]["median"]
+        entry["matching"] = {
+            "best_baseline": baseline,
+            f"its_{key}_at_largest_budget": target,
+            "nfe_to_reach_it": {m: first_reaching(rows, m, key, target) for m in SAMPLERS},
+        }
         report[name] = entry
 
-    gmm = report["gmm-2d"]["summary"]["mmd"]
-    best_baseline = min(("best-of-N", "SMC"), key=lambda m: gmm[m][str(tasks["gmm-2d"][1][-1])]["median"])
-    target_mmd = gmm[best_baseline][str(tasks["gmm-2d"][1][-1])]["median"]
-    gmm_rows = report["gmm-2d"]["rows"]
-    report["gmm-2d"]["matching"] = {
-        "best_baseline": best_baseline,
-        "its_mmd_at_largest_budget": target_mmd,
-        "nfe_to_reach_it": {m: first_reaching(gmm_rows, m, "mmd", target_mmd) for m in METHODS},
+    task = gmm_2d()
+    rows = []
+    for label in SEARCHERS:
+        for seed in range(seeds):
+            rows += run_method(task, SEARCHERS, label, budgets, seed, search_measure)
+            print("search gmm-2d", label, seed, rows[-1], flush=True)
+    report["search-gmm-2d"] = {
+        "budgets": budgets,
+        "top": TOP,
+        "rows": rows,
+        "summary": {key: summarise(rows, key) for key in ("top_mean_reward", "best_reward")},
     }
+
     report["engine_cost"] = engine_cost(args.quick)
-    task, budgets, _ = tasks["gmm-2d"]
     probe = build_sampler(
-        "dts",
-        task.chain.prior,
-        task.chain.transition,
-        task.reward,
-        task.num_steps,
-        lam=task.lam,
-        seed=0,
+        "dts", task.chain.prior, task.chain.transition, task.reward, task.num_steps, lam=task.lam, seed=0,
         branch_levels=task.branch_levels,
-    )
+    )  # fmt: skip
     start = time.perf_counter()
     probe.run(budgets[-1])
     wall = time.perf_counter() - start
@@ -203,12 +269,13 @@ def main() -> None:
     report["engine_cost"]["gmm_2d_wall_seconds"] = wall
 
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    tmp = args.out / f"toy{suffix}.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out / f"toy{suffix}.json")
-    plot(report, args.out / f"toy{suffix}.png")
-    print(json.dumps({k: report[k] for k in ("engine_cost",)}, indent=1))
+    name = "toy_quick" if args.quick else "toy"
+    table = markdown(report)
+    print(table)
+    write_atomically(args.out / f"{name}.json", json.dumps(report, indent=1))
+    write_atomically(args.out / f"{name}.md", table + "\n")
+    plot(report, args.out / f"{name}.png")
+    print(json.dumps(report["engine_cost"], indent=1))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -218,11 +285,12 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [
-        ("bimodal-1d", "w1", "W1 to π* (1D)"),
-        ("bimodal-1d", "high_mode_mass", "high-mode mass (1D)"),
-        ("gmm-2d", "mmd", "MMD to π* (2D GMM)"),
+        ("bimodal-1d", "w1", "sampling: W1 to π* (1D)"),
+        ("bimodal-1d", "high_mode_mass", "sampling: high-mode mass (1D)"),
+        ("gmm-2d", "mmd", "sampling: MMD to π* (2D GMM)"),
+        ("search-gmm-2d", "top_mean_reward", f"search: mean reward of the {TOP} best (2D GMM)"),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     for ax, (task, key, title) in zip(axes, panels, strict=True):
         for method, series in report[task]["summary"][key].items():
             nfe = [int(n) for n in series]
@@ -233,17 +301,18 @@ def plot(report: dict, path: Path) -> None:
             ax.fill_between(nfe, lo, hi, alpha=0.15, color=COLORS[method])
         if key == "high_mode_mass":
             ax.axhline(report[task]["target_high_mode_mass"], color="k", ls="--", label="π*")
-        else:
+        elif key in report[task].get("noise_floor", {}):
             ax.axhline(report[task]["noise_floor"][key], color="k", ls="--", label="noise floor")
             ax.set_yscale("log")
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    axes[2].legend(fontsize=8)
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
     tmp.replace(path)
 
 

@@ -1,0 +1,27 @@
+"""Report helpers shared by the benchmarks: a ranking table in Markdown and atomic writes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+
+def ranking_table(
+    table: dict, budgets: list, key: str, lower_is_better: bool, cell: Callable[[dict], str]
+) -> list[str]:
+    """Markdown rows ranking the methods of `table` ({label: {budget: metrics}}) by `key` at each budget."""
+    lines = ["| rank | " + " | ".join(f"NFE {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    columns = []
+    for budget in budgets:
+        ranked = sorted(table, key=lambda label: table[label][budget][key] * (1 if lower_is_better else -1))
+        columns.append([f"{label}: {cell(table[label][budget])}" for label in ranked])
+    for rank, cells in enumerate(zip(*columns, strict=True), start=1):
+        lines.append(f"| {rank} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write next to `path`, then rename: a failed run never leaves a half-written result."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
