@@ -6,6 +6,7 @@ k-diffusion sampler are imported on first use, so `from dts_diffusers import DTS
 
 from importlib import import_module
 
+from .dfs import DepthFirstSearch
 from .engine import DTS
 from .methods import METHODS, build_sampler
 from .particles import ParticleSearch
@@ -22,7 +23,7 @@ _LAZY = {
     "sample_dts": "dts_diffusers.k_sampling",
 }
 
-__all__ = ["DTS", "METHODS", "ParticleSearch", "build_sampler", *_LAZY]
+__all__ = ["DTS", "METHODS", "DepthFirstSearch", "ParticleSearch", "build_sampler", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import Timings, call_transition, check_finite_rewards, check_lambda, default_branch_levels
+from .engine import Timings, call_transition, check_lambda, default_branch_levels
 from .noise import row_generators
-from .particles import check_local_search, refine_locally, reward_ascent
+from .particles import RewardCalls, check_local_search, refine_locally
 from .resampling import stratified_draws
 
 NEEDS_RENOISE = (
@@ -56,7 +56,7 @@ class _Dive:
     best_at: dict[int, tuple[float, torch.Tensor]] = field(default_factory=dict)  # level -> (score, state after it)
 
 
-class DepthFirstSearch:
+class DepthFirstSearch(RewardCalls):
     """Dives with backtracking toward high reward; `run(nfe_budget)` is anytime and a later call continues."""
 
     def __init__(
@@ -337,17 +337,3 @@ class DepthFirstSearch:
         self.nfe += len(x)
         self.timings.transition += time.perf_counter() - start
         return out
-
-    def _ascend(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = reward_ascent(self.reward, x0_hat, self.local_search_step_size)
-        self.reward_evals += len(x0_hat)
-        self.timings.reward += time.perf_counter() - start
-        return out
-
-    def _score(self, x0: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
-        values = check_finite_rewards(self.reward(x0), len(x0)).numpy()
-        self.reward_evals += len(x0)
-        self.timings.reward += time.perf_counter() - start
-        return values

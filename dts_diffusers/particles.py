@@ -110,7 +110,30 @@ def refine_locally(
     return x_next, x0_hat
 
 
-class ParticleSearch:
+class RewardCalls:
+    """Timed, counted reward calls shared by the samplers that score states themselves (particles, DFS)."""
+
+    reward: Callable
+    reward_evals: int
+    timings: Timings
+    local_search_step_size: float
+
+    def _ascend(self, x0_hat: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = reward_ascent(self.reward, x0_hat, self.local_search_step_size)
+        self.reward_evals += len(x0_hat)
+        self.timings.reward += time.perf_counter() - start
+        return out
+
+    def _score(self, x0: torch.Tensor) -> np.ndarray:
+        start = time.perf_counter()
+        values = check_finite_rewards(self.reward(x0), len(x0)).numpy()
+        self.reward_evals += len(x0)
+        self.timings.reward += time.perf_counter() - start
+        return values
+
+
+class ParticleSearch(RewardCalls):
     """SMC / FK-steering / BFS over a population of `num_particles` (best-of-N when `eval_levels=[]`).
 
     `local_search_steps` > 0 refines each evaluation by local search (needs `renoise` and a differentiable reward);
@@ -201,7 +224,7 @@ class ParticleSearch:
             x, x0_hat = refine_locally(
                 self._predict, self._ascend, self.renoise, x, level, generators, self.local_search_steps
             )
-            scores = self._rewards(x0_hat)
+            scores = self._score(x0_hat)
             log_w = tilt(log_w, self.lams[evaluation], score_particles(self.scoring, scores, previous))
             previous = score_particles("max", scores, previous) if self.scoring == "max" else scores
             evaluation += 1
@@ -212,7 +235,7 @@ class ParticleSearch:
                 x, previous = x[torch.as_tensor(ancestors, device=x.device)], previous[ancestors]
                 generators = row_generators(self._rng.integers(0, 2**63 - 1, n))  # copies must diverge
                 log_w = np.zeros(n)
-        rewards = self._rewards(x)
+        rewards = self._score(x)
         final_scoring = self.scoring if self.eval_levels else "current"
         log_w = tilt(log_w, self.lam, score_particles(final_scoring, rewards, previous))
         top = log_w.max()
@@ -238,20 +261,6 @@ class ParticleSearch:
 
     def _predict(self, x, level, generators):
         return self._step(x, level, generators, True)
-
-    def _ascend(self, x0_hat: torch.Tensor) -> torch.Tensor:
-        start = time.perf_counter()
-        out = reward_ascent(self.reward, x0_hat, self.local_search_step_size)
-        self.reward_evals += len(x0_hat)
-        self.timings.reward += time.perf_counter() - start
-        return out
-
-    def _rewards(self, x0: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
-        values = check_finite_rewards(self.reward(x0), len(x0)).numpy()
-        self.reward_evals += len(x0)
-        self.timings.reward += time.perf_counter() - start
-        return values
 
     def sample(self, n: int, return_rewards: bool = False):
         """Search mode: the `n` best particles; sample mode: `n` draws ∝ population evidence × final weight."""
