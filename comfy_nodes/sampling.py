@@ -48,13 +48,12 @@ def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: st
     """Build a registered reward; weights come from `models/dts_rewards/<weights>` or the local hub cache."""
     import inspect
 
-    from dts_diffusers.rewards import load_reward
-    from dts_diffusers.rewards.base import _factory
+    from dts_diffusers.rewards import load_reward, reward_loader
 
     kwargs = json.loads(options) if options.strip() else {}
     if not isinstance(kwargs, dict):
         raise ValueError(f'options must be a JSON object of loader arguments, e.g. {{"digit": 3}} (got {options!r})')
-    parameters = inspect.signature(_factory(reward_name)).parameters
+    parameters = inspect.signature(reward_loader(reward_name)).parameters
     if weights not in (NO_WEIGHTS, HUB_CACHE):
         if "pretrained_model_name_or_path" not in parameters:
             raise ValueError(f"the {reward_name!r} reward takes no weights; set weights to {NO_WEIGHTS!r}")

@@ -5,6 +5,24 @@ from `{"image-reward": 1.0, "aesthetic": 0.1}`; `as_reward` also accepts a `Rewa
 `(images, prompts) -> Tensor[B]`. Model-backed rewards import their modules on first use.
 """
 
-from .base import CallableReward, Reward, WeightedSum, as_reward, load_reward, register_reward, reward_names
+from .base import (
+    CallableReward,
+    Reward,
+    WeightedSum,
+    as_reward,
+    load_reward,
+    register_reward,
+    reward_loader,
+    reward_names,
+)
 
-__all__ = ["CallableReward", "Reward", "WeightedSum", "as_reward", "load_reward", "register_reward", "reward_names"]
+__all__ = [
+    "CallableReward",
+    "Reward",
+    "WeightedSum",
+    "as_reward",
+    "load_reward",
+    "register_reward",
+    "reward_loader",
+    "reward_names",
+]

@@ -168,7 +168,8 @@ def reward_names() -> list[str]:
     return sorted({*_BUILTIN, *_REGISTRY})
 
 
-def _factory(name: str) -> Callable[..., Reward]:
+def reward_loader(name: str) -> Callable[..., Reward]:
+    """The loader behind a registered name, without calling it (front ends read its parameters)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name in _BUILTIN:
@@ -197,7 +198,7 @@ def load_reward(
         combined = WeightedSum(terms)
         combined.differentiable = differentiable
         return combined
-    reward = _factory(name)(device=device, dtype=dtype, **kwargs)
+    reward = reward_loader(name)(device=device, dtype=dtype, **kwargs)
     reward.differentiable = differentiable
     return reward
 
