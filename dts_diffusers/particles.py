@@ -79,7 +79,7 @@ def check_local_search(steps: int, step_size: float, renoise: Callable | None) -
         raise ValueError(f"local_search_step_size must be a positive number (got {step_size!r})")
     if steps and not callable(renoise):
         raise ValueError(
-            "local search re-noises x̂_0 to the current level with the forward process: pass "
+            "local search re-noises each guided step back to its level with the forward process: pass "
             "renoise=transition.renoise (SchedulerTransition, SigmaChain and the toy chains have one), a function "
             "renoise(x, from_level, to_level, generators), or set local_search_steps=0"
         )
@@ -99,13 +99,18 @@ def reward_ascent(reward: Callable, x0: torch.Tensor, step_size: float) -> torch
 def refine_locally(
     predict: Callable, ascend: Callable, renoise: Callable, x: torch.Tensor, level: int, generators, steps: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x_{level-1}, x̂_0)` after `steps` rounds of: move x̂_0 up the reward, re-noise it to `level`, predict again.
+    """`(x_{level-1}, x̂_0)` after `steps` rounds of guidance and recurrence (the classical-search paper's local search).
 
-    `predict(x, level, generators)` is one counted transition with `return_x0=True`, so this costs `1 + steps` NFE.
+    Each round nudges the step's result x_{level-1} along the reward's gradient at x̂_0, re-noises it back to `level`
+    with the forward process and denoises again: annealed Langevin in the paper's Proposition 1. With no guidance a
+    round leaves the level's marginal unchanged (denoise, then noise), so it refines a sample without washing out
+    what set it apart. `predict(x, level, generators)` is one counted transition with `return_x0=True`, so this
+    costs `1 + steps` NFE.
     """
     x_next, x0_hat = predict(x, level, generators)
     for _ in range(steps):
-        x = renoise(ascend(x0_hat), 0, level, generators)
+        guided = x_next + (ascend(x0_hat) - x0_hat).to(x_next.dtype)
+        x = renoise(guided, level - 1, level, generators)
         x_next, x0_hat = predict(x, level, generators)
     return x_next, x0_hat
 
