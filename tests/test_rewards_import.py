@@ -20,10 +20,10 @@ def test_image_reward_never_imports_the_reference_package():
 
 
 def test_every_registered_loader_resolves():
-    from dts_diffusers.rewards.base import _factory, reward_names
+    from dts_diffusers.rewards.base import reward_loader, reward_names
 
     for name in reward_names():
-        assert callable(_factory(name))
+        assert callable(reward_loader(name))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="open_clip not installed (extra 'hpsv2')")
