@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranking import ranking_table, write_atomically
+from ranking import first_reaching, ranking_table, write_atomically
 from scipy import linalg
 
 from dts_diffusers import DTSPipeline, digits
@@ -150,11 +150,9 @@ def aggregate(rows: list[dict], task: str) -> dict:
     }
 
 
-def first_budget(curve: dict, key: str, target: float, lower_is_better: bool) -> int | None:
-    for point in curve.values():
-        if (point[key] <= target) if lower_is_better else (point[key] >= target):
-            return int(point["nfe"])
-    return None
+def nfe_curve(curve: dict, key: str) -> dict:
+    """{nfe spent: value} from a method's {budget: metrics}: anytime methods may stop a few NFE short of a budget."""
+    return {int(point["nfe"]): point[key] for point in curve.values()}
 
 
 def claims(sampling: dict, search: dict, largest: int) -> dict:
@@ -164,7 +162,7 @@ def claims(sampling: dict, search: dict, largest: int) -> dict:
     if "DTS" in sampling and baselines:
         best_label = min(baselines, key=lambda label: sampling[label][largest]["fid"])
         target_fid = sampling[best_label][largest]["fid"]
-        dts_nfe = first_budget(sampling["DTS"], "fid", target_fid, lower_is_better=True)
+        dts_nfe = first_reaching(nfe_curve(sampling["DTS"], "fid"), target_fid)
         baseline_nfe = int(sampling[best_label][largest]["nfe"])
         found["fid"] = {
             "best_baseline": best_label,
@@ -176,7 +174,7 @@ def claims(sampling: dict, search: dict, largest: int) -> dict:
         }
     if "DTS*" in search and "best-of-N" in search:
         target_reward = search["best-of-N"][largest]["best_reward"]
-        star_nfe = first_budget(search["DTS*"], "best_reward", target_reward, lower_is_better=False)
+        star_nfe = first_reaching(nfe_curve(search["DTS*"], "best_reward"), target_reward, lower_is_better=False)
         baseline_nfe = int(search["best-of-N"][largest]["nfe"])
         found["best_reward"] = {
             "best_of_n_nfe": baseline_nfe,

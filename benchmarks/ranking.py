@@ -1,4 +1,4 @@
-"""Report helpers shared by the benchmarks: a ranking table in Markdown and atomic writes."""
+"""Report helpers shared by the benchmarks: ranking tables, first budgets reaching a target, atomic writes."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def ranking_table(
     for rank, cells in enumerate(zip(*columns, strict=True), start=1):
         lines.append(f"| {rank} | " + " | ".join(cells) + " |")
     return lines
+
+
+def first_reaching(curve: dict, target: float, lower_is_better: bool = True) -> int | None:
+    """The first budget of `curve` ({budget: value}, in budget order) whose value reaches `target`, else None."""
+    for budget, value in curve.items():
+        if (value <= target) if lower_is_better else (value >= target):
+            return int(budget)
+    return None
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -13,6 +13,7 @@ the child's stored seed, so any evicted latent can be replayed. One NFE is one t
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -451,18 +452,20 @@ class DTS:
         return leaves
 
     def _best_first_leaves(self, n: int) -> list[int]:
-        """Leaves in the order of argmax descent (DTS*): the first is the argmax leaf, then its runners-up."""
+        """Leaves in best-first order by value (DTS*): the first is the argmax-descent leaf, since a soft mean never
+        exceeds its largest child; the next are the highest-valued leaves and subtrees left, not the argmax leaf's
+        siblings whatever their value."""
         tree = self.tree
         leaves: list[int] = []
-        stack = [ROOT]
-        while stack and len(leaves) < n:
-            node = stack.pop()
+        frontier = [(-float(tree.value_np[ROOT]), ROOT)]
+        while frontier and len(leaves) < n:
+            _, node = heapq.heappop(frontier)
             if tree.level_np[node] == 0:
                 leaves.append(node)
                 continue
             kids = tree.children(node)
-            kids = kids[tree.done_np[kids]]
-            stack.extend(kids[np.argsort(tree.value_np[kids], kind="stable")].tolist())
+            for kid in kids[tree.done_np[kids]].tolist():
+                heapq.heappush(frontier, (-float(tree.value_np[kid]), kid))
         while len(leaves) < n:
             leaves.append(leaves[len(leaves) % max(len(leaves), 1)])
         return leaves

@@ -112,6 +112,13 @@ def test_search_mode_draws_the_argmax_path_and_tracks_the_best_leaf():
     assert torch.equal(dts.sample(1), dts._latents([node]))
 
 
+def test_search_draws_are_the_best_leaves_in_order_under_max_backup():
+    dts = make(seed=1, lam=math.inf, mode="search").run(3000)
+    _, rewards = dts.sample(20, return_rewards=True)
+    best = np.sort(finished_leaf_values(dts))[::-1][:20]
+    np.testing.assert_allclose(rewards.numpy(), best, rtol=1e-6)
+
+
 def test_infinite_lambda_backs_up_the_max():
     dts = make(seed=0, lam=math.inf, mode="search").run(2000)
     assert dts.tree.value_np[0] == pytest.approx(finished_leaf_values(dts).max())
