@@ -27,7 +27,8 @@ import torch
 from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from dts_diffusers.rewards import Reward, load_reward
-from dts_diffusers.rewards.clip import AestheticScore, ClipScore, aesthetic_head
+from dts_diffusers.rewards.clip import AestheticScore, ClipScore
+from dts_diffusers.rewards.heads import preference_mlp
 from dts_diffusers.rewards.image_reward import ImageReward, ImageRewardModel
 from dts_diffusers.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -106,7 +107,7 @@ def build(name: str, device: str, dtype: torch.dtype, tokenizers) -> Reward:
         )
     if name == "aesthetic":
         model = clip_model(CLIP_L14, clip_tokenizer)
-        return AestheticScore(model, clip_tokenizer, PROCESSING, aesthetic_head(768).eval()).to(device, dtype)
+        return AestheticScore(model, clip_tokenizer, PROCESSING, preference_mlp(768).eval()).to(device, dtype)
     if name == "image-reward":
         return ImageReward(ImageRewardModel(BERT_BASE, VIT_L16).eval(), bert_tokenizer).to(device, dtype)
     if name == "hpsv2":

@@ -8,7 +8,8 @@ import torch
 from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 
 from dts_diffusers.rewards import load_reward
-from dts_diffusers.rewards.clip import AESTHETIC_FILE, aesthetic_head
+from dts_diffusers.rewards.clip import AESTHETIC_FILE
+from dts_diffusers.rewards.heads import preference_mlp
 from dts_diffusers.rewards.image_reward import (
     KEY_PREFIXES,
     MED_CONFIG_FILE,
@@ -108,7 +109,7 @@ def weights(tmp_path_factory):
     aesthetic = root / "aesthetic"
     aesthetic.mkdir()
     torch.manual_seed(3)
-    head = aesthetic_head(16)
+    head = preference_mlp(16)
     torch.save(
         {"layers." + k: torch.randn_like(v) * 0.3 for k, v in head.state_dict().items()}, aesthetic / AESTHETIC_FILE
     )

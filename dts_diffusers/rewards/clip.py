@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPModel
 
 from .base import Reward
+from .heads import preference_mlp
 from .hub import load_pretrained, resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
@@ -118,25 +119,11 @@ class AestheticScore(ClipEmbeddingReward):
         return self.head(embeddings.to(self.head[0].weight.dtype))[:, 0]
 
 
-def aesthetic_head(embedding_dim: int = 768) -> nn.Sequential:
-    """The improved-aesthetic-predictor MLP, same layer indices as its checkpoint (`layers.0` ... `layers.7`)."""
-    return nn.Sequential(
-        nn.Linear(embedding_dim, 1024),
-        nn.Dropout(0.2),
-        nn.Linear(1024, 128),
-        nn.Dropout(0.2),
-        nn.Linear(128, 64),
-        nn.Dropout(0.1),
-        nn.Linear(64, 16),
-        nn.Linear(16, 1),
-    )
-
-
 def load_aesthetic_head(path: str) -> nn.Sequential:
     """Load `sac+logos+ava1-l14-linearMSE.pth` (keys `layers.N.*`, or `N.*` when saved from a bare Sequential)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = {key.removeprefix("layers."): value for key, value in state.items()}
-    head = aesthetic_head(state["0.weight"].shape[1])
+    head = preference_mlp(state["0.weight"].shape[1])
     head.load_state_dict(state, strict=True)
     return head.eval().requires_grad_(False)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
+from .heads import preference_mlp
 from .hub import load_pretrained, resolve_file
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
@@ -217,17 +218,7 @@ class ImageRewardModel(nn.Module):
         self.vision = VisionTransformer(**vision)
         self.text = TextEncoder(med_config, vision["width"])
         width = med_config["hidden_size"]
-        # the reference MLP (activations commented out there, so it is affine; dropout is inactive at eval)
-        self.head = nn.Sequential(
-            nn.Linear(width, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.head = preference_mlp(width)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         image_tokens = self.vision(pixels)
