@@ -54,7 +54,18 @@ BASELINES = ("best-of-N", "SMC", "FK")
 FIXED_TARGETS = {"w1": (0.3, 0.15, 0.1), "mmd": (0.3, 0.15, 0.1)}  # distances every sampler is asked to reach
 ANYTIME = {"dts", "dts*", "best-of-n"}  # a later run(b) continues the same sampler exactly
 TOP = 100  # search: mean reward of the best TOP samples returned
-PALETTE = ("tab:blue", "tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:green", "tab:pink", "tab:gray")
+PALETTE = (
+    "tab:blue",
+    "tab:orange",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:green",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 COLORS = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys([*SAMPLERS, *SEARCHERS]))}
 
 
