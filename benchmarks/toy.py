@@ -6,8 +6,9 @@
 - sampling, gmm-2d: the paper's 2D GMM task (100 steps, branch every 20): MMD to π*.
   For both sampling tasks: the NFE at which each sampler's median first reaches 2× the noise floor, the best
   baseline's distance at the largest budget and fixed distances, with DTS's NFE ratio to the best baseline.
-- search, gmm-2d: DTS*, best-of-N, BFS (increasing temperature, max scoring, SSP), SVDD, DFS with backtracking and
-  BFS with local search: the mean reward of the 100 best samples each returns, and the best reward found.
+- search, gmm-2d: DTS*, best-of-N, BFS (increasing temperature, max scoring, SSP), SVDD, DFS with backtracking,
+  BFS with local search and DAS (without gradients): the mean reward of the 100 best samples each returns, and
+  the best reward found.
 - engine cost: bookkeeping time per iteration (selection, expansion, backup) at 10^4 and 10^5 nodes, and the share
   of wall time spent outside `transition` and `reward` on the 2D task.
 
@@ -49,6 +50,7 @@ SEARCHERS = {
     "SVDD": ("svdd", {"mode": "search"}),
     "DFS": ("dfs", {"mode": "search"}),
     "BFS + local search": ("bfs", {"mode": "search", "local_search_steps": 1, "local_search_step_size": 0.01}),
+    "DAS": ("das", {"mode": "search"}),
 }
 BASELINES = ("best-of-N", "SMC", "FK")
 FIXED_TARGETS = {"w1": (0.3, 0.15, 0.1), "mmd": (0.3, 0.15, 0.1)}  # distances every sampler is asked to reach
