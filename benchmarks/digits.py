@@ -9,7 +9,7 @@ The base model is prompted with "a handwritten digit" (no class). Two tasks, eve
   digits of that class, and diversity (mean pairwise distance of judge features);
 - search: the reward is the digit's classifier logit (log p saturates at 0, the logit keeps rising). DTS* against
   best-of-N, BFS (the classical-search paper's best: increasing temperature, max scoring, SSP), SVDD, DFS with
-  backtracking, and BFS with local search, measured by the best reward found.
+  backtracking, BFS with local search and DAS (without gradients), measured by the best reward found.
 
 It reports the NFE at which DTS first matches the best sampling baseline's FID at its largest budget, and the NFE at
 which DTS* first matches best-of-N's best reward at its largest budget. Anytime methods (the tree, best-of-N)
@@ -49,6 +49,7 @@ TASKS = {  # task -> {label: (method, method_options)}; sampling runs mode="samp
         "SVDD": ("svdd", {}),
         "DFS": ("dfs", {}),
         "BFS + local search": ("bfs", {"local_search_steps": 1, "local_search_step_size": 0.05}),
+        "DAS": ("das", {}),
     },
 }
 REWARD_OUTPUT = {"sampling": "log_prob", "search": "logit"}
