@@ -26,6 +26,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
     def __call__(
         self,
         prompt: str | list[str] | None = None,
+        *,
         reward=None,
         lam: float = 1.0,
         nfe_budget: int | None = None,
@@ -63,7 +64,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
     ) -> DTSPipelineOutput | tuple:
         r"""Generate images steered toward `reward`.
 
-        Besides StableDiffusionPipeline's arguments:
+        Besides StableDiffusionPipeline's arguments (all but the prompt are keyword-only, so a positional `height`
+        written for the parent pipeline fails loudly instead of being taken for the reward):
             reward: a registered reward name, a reward object, or a callable `(images, prompts) -> Tensor[B]` taking
                 float32 images in [0, 1] of shape [B, 3, H, W].
             lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.

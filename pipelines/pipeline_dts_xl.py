@@ -29,6 +29,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         self,
         prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
+        *,
         reward=None,
         lam: float = 1.0,
         nfe_budget: int | None = None,
@@ -75,7 +76,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
     ) -> DTSPipelineOutput | tuple:
         r"""Generate images steered toward `reward`.
 
-        Besides StableDiffusionXLPipeline's arguments:
+        Besides StableDiffusionXLPipeline's arguments (all but the two prompts are keyword-only, as in DTSPipeline):
             reward: a registered reward name, a reward object, or a callable `(images, prompts) -> Tensor[B]` taking
                 float32 images in [0, 1] of shape [B, 3, H, W].
             lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.

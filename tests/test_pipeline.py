@@ -154,6 +154,11 @@ def test_from_pretrained_call_honours_budget_and_counts(pipe):
     assert out.timings["unet"] <= out.timings["denoise"] <= out.timings["total"]
 
 
+def test_arguments_after_the_prompt_are_keyword_only(pipe):
+    with pytest.raises(TypeError, match="positional"):
+        pipe("a red square", 16)  # StableDiffusionPipeline's `height`: never mistaken for the reward
+
+
 def test_without_guidance_one_unet_row_per_nfe(pipe):
     out = run(pipe, guidance_scale=1.0)
     assert out.unet_evals == out.nfe > 0
