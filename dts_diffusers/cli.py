@@ -452,7 +452,7 @@ def command_generate(args: argparse.Namespace) -> dict:
     total = settings["nfe_budget"] if args.method in ANYTIME_METHODS else sum(b // steps * steps for b in budgets)
     start = time.perf_counter()
     with atomic_folder(args.out, args.overwrite) as staging:
-        with tqdm(total=total, unit="NFE", desc=f"dts {args.method}", file=sys.stderr) as progress:
+        with tqdm(total=total, unit="NFE", desc=f"{args.method} ({args.mode})", file=sys.stderr) as progress:
             output, curve, spent, timings = generate_with_curve(
                 pipe, prompt, reward, options, settings["nfe_budget"], args.seed, args.checkpoints, progress
             )
