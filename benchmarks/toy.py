@@ -158,8 +158,8 @@ def reaching(entry: dict, key: str, target: float) -> dict:
 
     The ratio is DTS's NFE over the best baseline's (below 1: DTS needs less); a method that never reaches the
     target within the budgets gets None, and so does the ratio when either side never reaches it."""
-    curves = {m: {int(b): p["median"] for b, p in entry["summary"][key][m].items()} for m in SAMPLERS}
-    nfe = {m: first_reaching(curve, target) for m, curve in curves.items()}
+    table = medians(entry, (key,))
+    nfe = {m: first_reaching({b: p[key] for b, p in table[m].items()}, target) for m in SAMPLERS}
     reached = [nfe[m] for m in BASELINES if nfe[m] is not None]
     dts = nfe["DTS (held-out)"]
     return {
