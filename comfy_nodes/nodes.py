@@ -8,10 +8,13 @@ The frontend restores a node's widget values by position, and widgets a saved wo
 new inputs go last: `method` (default "dts") is the last optional input. It took the slot of the earlier `baseline`
 input: API workflows that still name `baseline` run DTS (ComfyUI drops inputs a node does not declare); UI workflows
 saved with it hold "none" in that slot, which ComfyUI rejects as not in the list until a method is picked.
+The `widening` choice took the slot of the two floats `pw_c` and `pw_alpha`: API workflows that still name them run
+with the default widening; UI workflows saved with them hold shifted values, which ComfyUI rejects until re-saved.
 """
 
 from __future__ import annotations
 
+from dts_diffusers.engine import WIDENINGS
 from dts_diffusers.methods import METHODS
 
 from . import sampling
@@ -56,20 +59,20 @@ def advanced_inputs() -> dict:
     return {
         "branch_every": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip": "branch every N steps; 0 = at "
                                  "x_T and four more evenly spaced levels (the paper's schedule)"}),
-        "pw_c": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "progressive "
-                           "widening C"}),
-        "pw_alpha": ("FLOAT", {"default": 0.8, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": "progressive "
-                               "widening α: a node with n visits has at most C·n^α children"}),
+        "widening": (list(WIDENINGS), {"default": "default", "tooltip": "progressive widening per level: "
+                     "default keeps the method's own; paper is the paper's uniform C·n^α with C = 2, α = 0.8 (what "
+                     "dts-paper / dts*-paper use)"}),
         "c_uct": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "UCT exploration "
                             "(search mode)"}),
         "rollout_batch": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "rollouts denoised together"}),
         "method": (list(METHODS), {"default": "dts", "tooltip": "dts: the tree (DTS, or DTS* in search mode); "
-                                   "dts*: always the search; the rest are particle baselines (best-of-N, SMC, "
-                                   "FK-steering, SVDD, DAS, BFS, ...) under the same budget"}),
+                                   "dts*: always the search; dts-paper / dts*-paper: the paper's Algorithm 1 / DTS* "
+                                   "(uniform widening, rollout values); the rest are particle baselines (best-of-N, "
+                                   "SMC, FK-steering, SVDD, DAS, BFS, ...) under the same budget"}),
     }  # fmt: skip
 
 
-def tree_options(mode, lam, eta, branch_every=0, pw_c=2.0, pw_alpha=0.8, c_uct=1.0, rollout_batch=4, method="dts"):
+def tree_options(mode, lam, eta, branch_every=0, widening="default", c_uct=1.0, rollout_batch=4, method="dts"):
     """Node inputs → `sample_dts` keywords."""
     return {
         "mode": mode,
@@ -77,8 +80,7 @@ def tree_options(mode, lam, eta, branch_every=0, pw_c=2.0, pw_alpha=0.8, c_uct=1
         "lam": lam,
         "eta": eta,
         "branch_every": branch_every or None,
-        "pw_c": pw_c,
-        "pw_alpha": pw_alpha,
+        "widening": widening,
         "c_uct": c_uct,
         "batch_size": rollout_batch,
     }

@@ -244,7 +244,10 @@ def run_dts_sampler(
 def summarize(info: dict, nfe_budget: int) -> str:
     stats = info["stats"]
     rewards = ", ".join(f"{r:.4f}" for r in info["rewards"].tolist())
+    leaves = stats.get("leaves")
+    short = leaves is not None and leaves < len(info["rewards"])
+    repeated = f" (the tree has only {leaves} leaves: some repeat; raise nfe_budget)" if short else ""
     return (
-        f"{info['method'].upper()}: rewards [{rewards}]; best found {info['best_reward']:.4f}; "
+        f"{info['method'].upper()}: rewards [{rewards}]{repeated}; best found {info['best_reward']:.4f}; "
         f"NFE {stats['nfe']}/{nfe_budget}; reward evaluations {stats['reward_evals']}"
     )

@@ -10,6 +10,7 @@ from .dfs import DepthFirstSearch
 from .engine import DTS
 from .methods import METHODS, build_sampler
 from .particles import ParticleSearch
+from .tree import Widening
 
 __version__ = "0.1.0"
 
@@ -23,7 +24,7 @@ _LAZY = {
     "sample_dts": "dts_diffusers.k_sampling",
 }
 
-__all__ = ["DTS", "METHODS", "DepthFirstSearch", "ParticleSearch", "build_sampler", *_LAZY]
+__all__ = ["DTS", "METHODS", "DepthFirstSearch", "ParticleSearch", "Widening", "build_sampler", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +24,8 @@ from pathlib import Path
 DEFAULT_DIGIT = 7
 DEFAULT_REWARD_FOR_BUNDLED = "digit-classifier"
 DTYPES = ("float32", "float16", "bfloat16")
-ANYTIME_METHODS = ("dts", "dts*", "best-of-n")  # a later run(b) continues the same sampler exactly
+# a later run(b) continues the same sampler exactly
+ANYTIME_METHODS = ("dts", "dts*", "dts-paper", "dts*-paper", "best-of-n")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "dts-diffusers")
 
 
@@ -66,6 +68,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per rollout")
     parser.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     parser.add_argument("--branch-every", type=int, default=None, help="branch the tree every this many steps")
+    parser.add_argument(
+        "--widening",
+        choices=("default", "paper"),
+        default="default",
+        help="the tree's progressive widening per level: default keeps the method's own; paper is the paper's "
+        "uniform c = 2, α = 0.8 (what dts-paper and dts*-paper use)",
+    )
     parser.add_argument("--rollout-batch-size", type=int, default=16, help="rollouts denoised together")
     parser.add_argument("--seed", type=int, default=0, help="base seed (batch: prompt i uses seed + i)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available)")
@@ -251,11 +260,21 @@ def check_run_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--out {args.out} exists and is not empty; choose another folder or pass --overwrite")
 
 
+def is_search(args: argparse.Namespace) -> bool:
+    from dts_diffusers.methods import TREE_PRESETS
+
+    return args.mode == "search" or TREE_PRESETS.get(args.method, {}).get("mode") == "search"
+
+
 def run_settings(args: argparse.Namespace) -> dict:
-    """Steps, guidance and budget with defaults sized so the bundled model finishes in seconds on a CPU."""
+    """Steps, guidance and budget with defaults sized so the bundled model finishes in seconds on a CPU.
+
+    The default budget is 16 rollouts; in search mode at least 4 per image asked for, so the images are the best of
+    at least 4 times as many leaves (every rollout ends in a new leaf)."""
     steps = args.steps or (20 if is_bundled(args) else 50)
     guidance = args.guidance_scale if args.guidance_scale is not None else (2.0 if is_bundled(args) else 7.5)
-    budget = args.nfe_budget or 16 * steps
+    rollouts = max(16, 4 * args.num_images) if is_search(args) else 16
+    budget = args.nfe_budget or rollouts * steps
     if budget < steps:
         raise CLIError(f"--nfe-budget {budget} is below one rollout of --steps {steps}; give at least {steps}")
     return {"steps": steps, "guidance_scale": guidance, "nfe_budget": budget}
@@ -270,6 +289,7 @@ def call_options(args: argparse.Namespace, settings: dict) -> dict:
         "guidance_scale": settings["guidance_scale"],
         "num_images_per_prompt": args.num_images,
         "rollout_batch_size": args.rollout_batch_size,
+        "widening": args.widening,
         **({"branch_every": args.branch_every} if args.branch_every is not None else {}),
         **({"method_options": options} if (options := method_options(args)) else {}),
     }
@@ -340,16 +360,19 @@ def generate_with_curve(pipe, prompt: str, reward, options: dict, budget: int, s
     timings: dict[str, float] = {}
     previous = 0
     for target in curve_budgets(budget, options["num_inference_steps"], points):
-        output = pipe(
-            prompt,
-            reward=reward,
-            nfe_budget=target - previous if tree_method else target,
-            tree=trees,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            callback_on_step_end=progress_callback(progress, trees[0].nfe if trees else 0),
-            callback_on_step_end_tensor_inputs=[],
-            **options,
-        )
+        with warnings.catch_warnings():
+            if target < budget:  # an early point of the curve may have fewer leaves than images; only the last counts
+                warnings.filterwarnings("ignore", message="search asked for", category=UserWarning)
+            output = pipe(
+                prompt,
+                reward=reward,
+                nfe_budget=target - previous if tree_method else target,
+                tree=trees,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                callback_on_step_end=progress_callback(progress, trees[0].nfe if trees else 0),
+                callback_on_step_end_tensor_inputs=[],
+                **options,
+            )
         if tree_method:
             trees, previous = output.trees, target
         for key in spent:

@@ -9,13 +9,21 @@ The engine sees three callables and nothing of diffusers or ComfyUI:
 
 Nodes exist only at branch levels; the denoising steps between two branch levels form one edge whose noise comes from
 the child's stored seed, so any evicted latent can be replayed. One NFE is one transition of one row.
+
+The default tree is allocated by a heuristic of the node's *state* (the reward of its one-step prediction x̂_0, which
+the denoiser returns with its step: no extra NFE, one reward call) and estimates every node's value by nested Monte
+Carlo over all its children. Since the tree's shape never depends on the rewards below a node, each node's
+exp(λ·V) estimate is unbiased, every leaf can be drawn, and rollouts start deep (see `Widening`), so a sample costs a
+fraction of the chain. The paper's Algorithm 1 is `estimator="paper"` with `PAPER_WIDENING` (method "dts-paper").
 """
 
 from __future__ import annotations
 
 import heapq
+import inspect
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,13 +32,14 @@ import torch
 
 from .noise import row_generators
 from .resampling import systematic
-from .tree import NO_SLOT, ROOT, LatentStore, TreeArrays, boltzmann, widening_limit
+from .tree import NO_SLOT, PAPER_WIDENING, ROOT, LatentStore, TreeArrays, Widening, boltzmann, widening_limit
 
 Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
 Transition = Callable[..., torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
-ESTIMATORS = ("held-out", "paper")
+ESTIMATORS = ("nested", "held-out", "paper")
+WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
 
 def default_branch_levels(num_steps: int, num_branch_levels: int = 5) -> list[int]:
@@ -59,8 +68,16 @@ def check_finite_rewards(rewards: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def call_transition(
-    transition: Transition, x: torch.Tensor, level: int, generators: list[torch.Generator]
-) -> torch.Tensor:
+    transition: Transition, x: torch.Tensor, level: int, generators: list[torch.Generator], return_x0: bool = False
+):
+    """One checked transition; with `return_x0`, also the one-step prediction x̂_0 of the input rows."""
+    if return_x0:
+        out = transition(x, level, generators, return_x0=True)
+        if not isinstance(out, tuple) or len(out) != 2 or getattr(out[1], "shape", None) != x.shape:
+            raise ValueError(
+                f"transition(..., return_x0=True) must return (x_prev, x0_hat), both shaped {tuple(x.shape)}"
+            )
+        return call_transition(lambda *_: out[0], x, level, generators), out[1]
     out = transition(x, level, generators)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -68,6 +85,29 @@ def call_transition(
             f"transition must return a tensor shaped like its input {tuple(x.shape)} at level {level} (got {shape})"
         )
     return out
+
+
+def accepts_keyword(function: Callable, name: str) -> bool:
+    """Whether `function` takes keyword `name` (or **kwargs); True when its signature cannot be read."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def deficit_pick(shares: np.ndarray, parent_visits: int, child_visits: np.ndarray) -> int:
+    """The child furthest below its share of the parent's visits: argmax(share·N − N_child), the first on ties.
+
+    Over many visits each child gets its share to within one visit, as systematic resampling would give it, with no
+    randomness: the tree's allocation adds no noise of its own."""
+    return int(np.argmax(shares * parent_visits - child_visits))
+
+
+def standardised(values: np.ndarray) -> np.ndarray:
+    """(v − mean) / std among siblings (zeros when they are all equal): makes search greed independent of scale."""
+    spread = values.std()
+    return np.zeros_like(values) if spread == 0 or not np.isfinite(spread) else (values - values.mean()) / spread
 
 
 @dataclass
@@ -94,15 +134,24 @@ class Timings:
 class DTS:
     """Grow a denoising tree toward π*(x) ∝ p(x)·exp(λ·r(x)) (``mode="sample"``) or its modes (``mode="search"``).
 
-    ``estimator`` picks how sampling mode turns the tree into samples:
+    ``estimator`` picks how the tree is built and turned into samples:
 
-    - ``"held-out"`` (default): every node's children alternate between *drawing* children (the 1st, 3rd, …) and
-      *building* children (2nd, 4th, …). Selection while building looks only at building children, so how many
-      drawing children a node gets never depends on their own values; samples are drawn by Boltzmann descent over
-      drawing children. This removes the downward bias of adaptive widening at finite budgets (see README).
+    - ``"nested"`` (default): selection descends by a deterministic deficit pick, each child's share of its parent's
+      visits ∝ exp(κ·λ·guide), the reward of the child's one-step prediction x̂_0 (systematic resampling carried out
+      over time); values are log-mean-exp over all children; draws descend ∝ exp(λ·value). The shape depends on
+      states only, so values are unbiased nested Monte-Carlo estimates and draws are consistent for π*. The trust κ
+      rises linearly from ``guide_trust`` when choosing among x_T seeds to 1 at the lowest branch level: at high noise
+      x̂_0 sits between modes and misleads (on the paper's 2D GMM full trust ruins the tree). Needs
+      ``transition(..., return_x0=True)``.
+    - ``"held-out"``: children alternate between *drawing* children (1st, 3rd, …) and *building* children (2nd,
+      4th, …); selection is Boltzmann over building values, draws descend over drawing children.
     - ``"paper"``: Algorithm 1 as published: Boltzmann selection and drawing on the log-mean-exp over all children.
 
-    Search mode (DTS*) builds with UCT on the soft value over all children and draws by argmax.
+    Search mode (DTS*) backs up the max (``search_backup="max"``) and, with ``"nested"``, allocates visits ∝
+    exp(search_greed·z) over the children's values standardised among siblings, so it is invariant to the reward's
+    scale; with ``"paper"`` it selects by UCT on the soft value (``c_uct``). Draws return the best distinct leaves.
+
+    ``widening`` is a `Widening`, or ``"default"`` / ``"paper"`` (c = 2, α = 0.8 at every node).
     """
 
     def __init__(
@@ -114,13 +163,15 @@ class DTS:
         lam: float = 1.0,
         mode: str = "sample",
         branch_levels: Sequence[int] | None = None,
-        pw_c: float = 2.0,
-        pw_alpha: float = 0.8,
+        widening: Widening | str = "default",
+        estimator: str = "nested",
         c_uct: float = 1.0,
+        guide_trust: float = 0.0,
+        search_greed: float = 2.0,
+        search_backup: str = "max",
         batch_size: int = 16,
         seed: int = 0,
         device: torch.device | str | None = None,
-        estimator: str = "held-out",
         latent_device: torch.device | str | None = None,
         latent_budget_bytes: int | None = None,
     ):
@@ -130,10 +181,16 @@ class DTS:
             raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*) (got {mode!r})")
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS} (got {estimator!r})")
-        if pw_c <= 0 or not 0 < pw_alpha <= 1:
-            raise ValueError(f"need pw_c > 0 and 0 < pw_alpha <= 1 (got pw_c={pw_c}, pw_alpha={pw_alpha})")
-        if c_uct < 0:
-            raise ValueError(f"c_uct must be >= 0 (got {c_uct})")
+        if isinstance(widening, str):
+            if widening not in WIDENINGS:
+                raise ValueError(f"widening must be a Widening or one of {tuple(WIDENINGS)} (got {widening!r})")
+            widening = WIDENINGS[widening]
+        if not isinstance(widening, Widening):
+            raise TypeError(f"widening must be a Widening or a preset name (got {type(widening).__name__})")
+        if c_uct < 0 or search_greed < 0:
+            raise ValueError(f"c_uct and search_greed must be >= 0 (got {c_uct}, {search_greed})")
+        if search_backup not in ("max", "soft"):
+            raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
         if latent_budget_bytes is not None and latent_budget_bytes <= 0:
@@ -150,7 +207,26 @@ class DTS:
         self.lam = check_lambda(lam)
         self.mode, self.estimator = mode, estimator
         self.node_levels = sorted({num_steps, *levels, 0}, reverse=True)
-        self.pw_c, self.pw_alpha, self.c_uct = pw_c, pw_alpha, c_uct
+        self.widening, self.c_uct, self.search_greed, self.search_backup = widening, c_uct, search_greed, search_backup
+        self._alpha = widening.exponents(self.node_levels[:-1])
+        # search backs up the max (the best leaf below); sampling the soft value at λ
+        self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
+        self._guided = estimator == "nested"
+        if not 0 <= guide_trust <= 1:
+            raise ValueError(f"guide_trust must lie in [0, 1] (got {guide_trust})")
+        self.guide_trust = guide_trust
+        # trust in x̂_0 when choosing among a node's children: guide_trust at the root (choosing x_T), rising
+        # linearly to 1 at the lowest branch level, where x̂_0 is nearly the outcome
+        upper = self.node_levels[:-1]
+        span = max(len(upper), 1)
+        self._trust = {level: guide_trust + (1 - guide_trust) * (i + 1) / span for i, level in enumerate(upper)}
+        self._trust[num_steps + 1] = guide_trust
+        if self._guided and not accepts_keyword(transition, "return_x0"):
+            raise TypeError(
+                "the default DTS estimator scores each node's one-step prediction: transition(x, level, generators, "
+                "return_x0=True) must return (x_prev, x0_hat); add that argument, or use estimator='held-out' or "
+                "method 'dts-paper', which need no prediction"
+            )
         self.batch_size = batch_size
         self.seed = seed
         self.device = torch.device(device) if device is not None else None
@@ -163,7 +239,10 @@ class DTS:
         self.nfe = 0
         self.replayed_nfe = 0
         self.reward_evals = 0
+        self.guide_evals = 0
         self.iterations = 0
+        self._nfe_by_level = np.zeros(num_steps + 2, dtype=np.int64)
+        self.last_draw_distinct: int | None = None
         self.timings = Timings()
         self._best: tuple[int, float] = (-1, -math.inf)
         self._next_level = {hi: lo for hi, lo in zip(self.node_levels, self.node_levels[1:], strict=False)}
@@ -204,7 +283,10 @@ class DTS:
                 return self
 
     def sample(self, n: int, return_rewards: bool = False):
-        """`n` terminal states drawn from the tree with no model call (latent replays aside)."""
+        """`n` terminal states drawn from the tree with no model call (latent replays aside).
+
+        Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (the best are
+        then repeated); `last_draw_distinct` (also in `stats()`) counts the distinct leaves of the last draw."""
         if self.iterations == 0:
             raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
         if self.mode == "search":
@@ -213,6 +295,7 @@ class DTS:
             rng = np.random.Generator(np.random.PCG64([self.seed, 1, self._draw_calls]))
             self._draw_calls += 1
             leaves = self._draw_leaves(n, rng)
+        self.last_draw_distinct = len(set(leaves))
         x0 = self._latents(leaves)
         if return_rewards:
             return x0, torch.as_tensor(self.tree.value_np[leaves], dtype=torch.float32)
@@ -226,28 +309,69 @@ class DTS:
         return self._latents([node]), reward
 
     def stats(self) -> dict:
+        """Tree size, NFE accounting and diagnostics of reuse (NFE per leaf, NFE by expansion level) and of the draw
+        rule (leaves it can reach, and the effective sample size (Σp)²/Σp² of its law over leaves)."""
         tree = self.tree
         done = tree.done_np[: tree.size]
         levels = tree.level_np[: tree.size][done]
+        leaves = int((levels == 0).sum())
+        probs = self._leaf_probabilities() if self.mode == "sample" else None
         return {
             "nodes": int(done.sum()) - 1,
-            "leaves": int((levels == 0).sum()),
+            "leaves": leaves,
             "depth": int(levels.max() - levels.min()),
             "root_children": int(done[tree.children(ROOT)].sum()),
             "iterations": self.iterations,
             "nfe": self.nfe,
+            "nfe_per_leaf": self.nfe / leaves if leaves else None,
+            "nfe_by_level": {int(lv): int(n) for lv, n in enumerate(self._nfe_by_level) if n},
             "replayed_nfe": self.replayed_nfe,
             "reward_evals": self.reward_evals,
+            "guide_evals": self.guide_evals,
+            "draw_eligible_leaves": int((probs > 0).sum()) if probs is not None else None,
+            "draw_ess": float(probs.sum() ** 2 / (probs**2).sum()) if probs is not None and leaves else None,
+            "last_draw_distinct": self.last_draw_distinct,
             "stored_latent_bytes": self.store.bytes,
             "best_reward": self._best[1],
             "root_value": float(tree.value_np[ROOT]),
             "timings": self.timings.as_dict(),
         }
 
+    def _leaf_probabilities(self) -> np.ndarray:
+        """Probability of each finished leaf under the draw rule (descent ∝ exp(λ·value) over eligible children).
+
+        Node ids are created parent first, so one pass per level from the top fills them in."""
+        tree = self.tree
+        n = tree.size
+        ids = np.arange(n)
+        eligible = tree.done_np[:n].copy()
+        values = tree.value_np[:n]
+        if self.estimator == "held-out":
+            eligible &= tree.is_draw_child_np[:n] & tree.draw_complete_np[:n]
+            values = tree.draw_value_np[:n]
+        eligible[ROOT] = False
+        parent = np.where(eligible, tree.parent_np[:n], 0)
+        values = np.where(eligible, values, -np.inf)
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, parent[eligible], values[eligible])
+        with np.errstate(invalid="ignore"):
+            weight = np.where(values == top[parent], 1.0, np.exp(self.lam * (values - top[parent])))
+        weight = np.where(eligible, weight, 0.0)
+        total = np.zeros(n)
+        np.add.at(total, parent, weight)
+        prob = np.zeros(n)
+        prob[ROOT] = 1.0
+        level = tree.level_np[:n]
+        for lv in self.node_levels:
+            rows = ids[eligible & (level == lv)]
+            prob[rows] = prob[parent[rows]] * weight[rows] / total[parent[rows]]
+        return prob[eligible & (level == 0)]
+
     # ---------------------------------------------------------------------------------------------------------
     # selection and expansion
     # ---------------------------------------------------------------------------------------------------------
     def _select(self) -> _Item:
+        """Descend from the root until a node may widen (or has no finished child yet: all are in flight)."""
         tree = self.tree
         node, path = ROOT, [ROOT]
         while True:
@@ -256,15 +380,23 @@ class DTS:
             if level == 0:
                 return _Item(path, [], 0)
             visits = int(tree.visits_np[node] + tree.pending_np[node] - 1)
-            if tree.child_count_np[node] < widening_limit(max(visits, 1), self.pw_c, self.pw_alpha):
+            limit = widening_limit(max(visits, 1), self.widening.c, self._alpha[level])
+            kids = tree.children(node)
+            kids = kids[tree.done_np[kids]]
+            if tree.child_count_np[node] < limit or kids.size == 0:
                 return self._expand(path)
-            node = self._select_child(node)
+            node = self._select_child(node, kids)
             path.append(node)
 
-    def _select_child(self, node: int) -> int:
+    def _select_child(self, node: int, kids: np.ndarray) -> int:
         tree = self.tree
-        kids = tree.children(node)
-        kids = kids[tree.done_np[kids]]
+        if self._guided:
+            if self.mode == "search":
+                shares = boltzmann(standardised(tree.value_np[kids]), self.search_greed)
+            else:
+                shares = boltzmann(tree.guide_np[kids], self.lam * self._trust[int(tree.level_np[node])])
+            return int(kids[deficit_pick(shares, tree.visits_np[node] + tree.pending_np[node],
+                                         tree.visits_np[kids] + tree.pending_np[kids])])  # fmt: skip
         if self.mode == "search":
             visits = tree.visits_np[kids] + tree.pending_np[kids]
             parent_visits = tree.visits_np[node] + tree.pending_np[node]
@@ -309,8 +441,15 @@ class DTS:
         calls_before = self.timings.transition + self.timings.reward
         tree = self.tree
         rollouts = [item for item in batch if item.new_nodes]
+        for item in rollouts:
+            self._nfe_by_level[tree.level_np[item.path[-1]]] += item.cost
         if rollouts:
-            x0 = self._rollout(rollouts)
+            x0, guided_nodes, x0_hat = self._rollout(rollouts)
+            if guided_nodes:
+                t0 = time.perf_counter()
+                tree.guide_np[guided_nodes] = check_finite_rewards(self.reward(x0_hat), len(guided_nodes)).numpy()
+                self.timings.reward += time.perf_counter() - t0
+                self.guide_evals += len(guided_nodes)
             t0 = time.perf_counter()
             rewards = check_finite_rewards(self.reward(x0), len(rollouts))
             self.timings.reward += time.perf_counter() - t0
@@ -322,7 +461,7 @@ class DTS:
                 if r > self._best[1]:
                     self._best = (leaf, r)
                 for node in reversed(item.new_nodes[:-1]):
-                    tree.refresh(node, self.lam)
+                    tree.refresh(node, self._backup_lam)
                     tree.visits_np[node] = 1
                     tree.done_np[node] = True
         for item in batch:
@@ -330,13 +469,16 @@ class DTS:
                 tree.pending_np[node] -= 1
                 tree.visits_np[node] += 1
                 if tree.level_np[node] > 0:
-                    tree.refresh(node, self.lam)
+                    tree.refresh(node, self._backup_lam)
         self.iterations += len(batch)
         in_calls = self.timings.transition + self.timings.reward - calls_before
         self.timings.bookkeeping += time.perf_counter() - start - in_calls
 
-    def _rollout(self, items: list[_Item]) -> torch.Tensor:
-        """Denoise every item from its expansion point to x_0, one batched transition call per level."""
+    def _rollout(self, items: list[_Item]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """Denoise every item from its expansion point to x_0, one batched transition call per level.
+
+        Returns x_0 per item and, for the estimator guided by x̂_0, the new nodes whose prediction the steps taken
+        from them produced, with those predictions."""
         tree = self.tree
         n = len(items)
         from_prior = [i for i, item in enumerate(items) if item.path[-1] == ROOT]
@@ -359,14 +501,26 @@ class DTS:
             level[i] = self.num_steps
         self._store([items[i].new_nodes[0] for i in from_prior], x[from_prior] if from_prior else None)
         gens = [self._edge_generator(items[i], cursor[i]) for i in range(n)]
+        guided_nodes, x0_hat = [], []
         for current in range(max(level), 0, -1):
             active = [i for i in range(n) if level[i] == current]
             if not active:
                 continue
             index = torch.as_tensor(active, device=x.device)
+            # rows at a node level sit on a node; those without a guide yet get one from this step's prediction
+            at = [items[i].new_nodes[cursor[i] - 1] if cursor[i] > 0 else items[i].path[-1] for i in active]
+            need = [
+                k
+                for k, node in enumerate(at)
+                if self._guided and tree.level_np[node] == current and math.isnan(tree.guide_np[node])
+            ]
             t0 = time.perf_counter()
-            out = call_transition(self.transition, x[index], current, [gens[i] for i in active])
+            out = call_transition(self.transition, x[index], current, [gens[i] for i in active], return_x0=bool(need))
             self.timings.transition += time.perf_counter() - t0
+            if need:
+                out, predicted = out
+                guided_nodes += [at[k] for k in need]
+                x0_hat.append(predicted[torch.as_tensor(need, device=predicted.device)])
             x[index] = out.to(x.dtype)
             self.nfe += len(active)
             reached, rows = [], []
@@ -380,7 +534,7 @@ class DTS:
                     gens[i] = self._edge_generator(items[i], cursor[i])
             if reached:
                 self._store(reached, x[torch.as_tensor(rows, device=x.device)])
-        return x
+        return x, guided_nodes, torch.cat(x0_hat) if x0_hat else None
 
     def _edge_generator(self, item: _Item, cursor: int) -> torch.Generator | None:
         if cursor >= len(item.new_nodes):
@@ -466,6 +620,13 @@ class DTS:
             kids = tree.children(node)
             for kid in kids[tree.done_np[kids]].tolist():
                 heapq.heappush(frontier, (-float(tree.value_np[kid]), kid))
+        if len(leaves) < n:
+            warnings.warn(
+                f"search asked for {n} samples but the tree has only {len(leaves)} leaves; the best are repeated to "
+                f"fill the request. Give a larger budget (about {n * self.num_steps} NFE or more) for {n} distinct "
+                "samples",
+                stacklevel=3,
+            )
         while len(leaves) < n:
             leaves.append(leaves[len(leaves) % max(len(leaves), 1)])
         return leaves

@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .engine import default_branch_levels
-from .methods import METHODS, build_sampler
+from .engine import WIDENINGS, default_branch_levels
+from .methods import METHODS, TREE_PRESETS, build_sampler
 from .noise import randn_rows
+from .tree import Widening
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -178,10 +179,21 @@ def _default_noise_scaling(model_sampling, flow: bool) -> Callable:
 
 
 def method_label(method: str, mode: str) -> str:
-    """How a run is named in progress bars and summaries: "dts*" for the tree in search mode, "smc search", …"""
-    if method in ("dts", "dts*"):
-        return "dts*" if mode == "search" or method == "dts*" else "dts"
+    """How a run is named in progress bars and summaries: "dts*" for the tree in search mode, "dts*-paper" for the
+    paper's preset in search mode, "smc search", …"""
+    if method in TREE_PRESETS:
+        search = mode == "search" or TREE_PRESETS[method].get("mode") == "search"
+        preset = method.removeprefix("dts").removeprefix("*")  # "" or "-paper"
+        return f"dts{'*' if search else ''}{preset}"
     return f"{method} search" if mode == "search" else method
+
+
+def widening_option(widening) -> dict:
+    """The `widening=` sampler option: "default" passes nothing, so each method keeps its own widening (the engine's
+    default for "dts" / "dts*", the paper's for "dts-paper" / "dts*-paper"); a `Widening` or "paper" is passed on."""
+    if isinstance(widening, str) and widening not in WIDENINGS:
+        raise ValueError(f"widening must be a Widening or one of {', '.join(WIDENINGS)} (got {widening!r})")
+    return {} if isinstance(widening, str) and widening == "default" else {"widening": widening}
 
 
 @torch.no_grad()
@@ -202,8 +214,7 @@ def sample_dts(
     num_outputs: int | None = None,
     branch_levels: Sequence[int] | None = None,
     branch_every: int | None = None,
-    pw_c: float = 2.0,
-    pw_alpha: float = 0.8,
+    widening: Widening | str = "default",
     c_uct: float = 1.0,
     batch_size: int = 8,
     seed: int | None = None,
@@ -219,7 +230,9 @@ def sample_dts(
     `reward(images) -> Tensor[n]` scores `decode(latents)` (images [n, 3, H, W] in [0, 1]), or the latents themselves
     when `decode` is None. `method="dts"` grows the tree; the baselines run under the same NFE budget. `mode="sample"`
     draws the outputs from π* ∝ p·exp(λ·r); `"search"` returns the best found (with `"dts"` that is DTS*, which
-    `method="dts*"` always is). Options a method does not use are ignored.
+    `method="dts*"` always is); `"dts-paper"` / `"dts*-paper"` are the paper's Algorithm 1 / DTS*. `widening` is the
+    progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform c = 2, α = 0.8 is 'paper'
+    ('default' keeps the method's own, 'paper' for the "-paper" methods). Options a method does not use are ignored.
     `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised`, `i`
     counting steps in proportion to the budget spent, and `nfe`, `nfe_budget`, `best_reward` and `method`;
     `interrupt()` is called between batches and may raise to stop.
@@ -273,8 +286,7 @@ def sample_dts(
         lam=lam,
         mode=mode,
         branch_levels=branch_levels if branch_levels is not None else default_branch_levels(num_steps),
-        pw_c=pw_c,
-        pw_alpha=pw_alpha,
+        **widening_option(widening),
         c_uct=c_uct,
         batch_size=batch_size,
         seed=int(extra_args.get("seed", 0) if seed is None else seed),

@@ -18,13 +18,21 @@ PARTICLE_PRESETS: dict[str, dict] = {
     "das": {"temperature": "increase", "scoring": "difference", "resampling": "ssp", "ess_threshold": 1.0},
     "bfs": {"temperature": "increase", "scoring": "max", "resampling": "ssp", "ess_threshold": 1.0},
 }
-METHODS = ("dts", "dts*", *PARTICLE_PRESETS, "dfs")
+# The tree's presets: the measured defaults, and the paper's Algorithm 1 / DTS* (uniform widening c = 2, α = 0.8,
+# Boltzmann or UCT selection on rollout values, soft backup) to reproduce its results side by side.
+TREE_PRESETS: dict[str, dict] = {
+    "dts": {},
+    "dts*": {"mode": "search"},
+    "dts-paper": {"estimator": "paper", "widening": "paper"},
+    "dts*-paper": {"mode": "search", "estimator": "paper", "widening": "paper", "search_backup": "soft"},
+}
+METHODS = (*TREE_PRESETS, *PARTICLE_PRESETS, "dfs")
 
 
 def sampler_class(method: str) -> type:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method in ("dts", "dts*"):
+    if method in TREE_PRESETS:
         return DTS
     return DepthFirstSearch if method == "dfs" else ParticleSearch
 
@@ -38,7 +46,8 @@ def sampler_option_names(method: str) -> list[str]:
 def build_sampler(method: str, prior: Callable, transition: Callable, reward: Callable, num_steps: int, **options):
     """Build a sampler with `run(nfe_budget)`, `sample(n)`, `best()`, `nfe` and `stats()`.
 
-    `"dts"` and `"dts*"` are the tree (sample / search mode); `"dfs"` is depth-first search with backtracking (needs
+    `"dts"` and `"dts*"` are the tree (sample / search mode), `"dts-paper"` and `"dts*-paper"` the paper's own
+    rules; `"dfs"` is depth-first search with backtracking (needs
     `renoise=`); the rest are particle presets whose axes can be overridden by keyword (`temperature=`, `scoring=`,
     `resampling=`, `ess_threshold=`, `num_particles=`). The particle methods and DFS take local search options
     (`local_search_steps=`, `local_search_step_size=`, with `renoise=`). `branch_levels=` sets the evaluation levels
@@ -46,10 +55,10 @@ def build_sampler(method: str, prior: Callable, transition: Callable, reward: Ca
     every method.
     """
     cls = sampler_class(method)
-    if method == "dts*":
-        options["mode"] = "search"
+    if method in TREE_PRESETS:
+        options = {**options, **{k: v for k, v in TREE_PRESETS[method].items() if k == "mode"}}
     if "branch_levels" in options and cls is not DTS and "eval_levels" not in PARTICLE_PRESETS.get(method, {}):
         options.setdefault("eval_levels", options["branch_levels"])  # best-of-N never evaluates
-    merged = {**PARTICLE_PRESETS.get(method, {}), **options}
+    merged = {**PARTICLE_PRESETS.get(method, {}), **TREE_PRESETS.get(method, {}), **options}
     keep = sampler_option_names(method)
     return cls(prior, transition, reward, num_steps, **{k: v for k, v in merged.items() if k in keep})

@@ -110,6 +110,7 @@ class ToyTask:
     reward: Callable[[torch.Tensor], torch.Tensor]
     lam: float
     branch_levels: list[int]
+    high_mode: Callable[[torch.Tensor], torch.Tensor] | None = None  # per sample: is it in the rare high-reward mode?
 
     @property
     def num_steps(self) -> int:
@@ -123,12 +124,69 @@ class ToyTask:
         index = torch.multinomial((log_w - log_w.max()).exp(), n, replacement=True, generator=generator)
         return data[index]
 
+    def high_mode_mass(self, x: torch.Tensor) -> float:
+        """The fraction of the samples `x` in the task's high-reward mode (the task must define `high_mode`)."""
+        if self.high_mode is None:
+            raise ValueError(f"task {self.name!r} has no high mode")
+        return float(self.high_mode(x).to(torch.float64).mean())
+
 
 def bimodal_1d(num_steps: int = 20, lam: float = 1.5) -> ToyTask:
     """A rare high-reward mode: 4% of the data near +1.5, bounded reward tanh(2x). π* puts about 0.44 on it."""
     chain = GaussianMixtureChain([-1.5, 1.5], [0.4, 0.4], [0.96, 0.04], linear_betas(num_steps, 0.01, 0.3))
     return ToyTask(
-        "bimodal-1d", chain, lambda x: torch.tanh(2 * x.reshape(len(x))), lam, default_branch_levels(num_steps)
+        "bimodal-1d",
+        chain,
+        lambda x: torch.tanh(2 * x.reshape(len(x))),
+        lam,
+        default_branch_levels(num_steps),
+        high_mode=lambda x: x.reshape(len(x)) > 0,
+    )
+
+
+def rare_mode_8d(num_steps: int = 20, lam: float = 4.0) -> ToyTask:
+    """A 0.5% mode in 8D: data at ±4·e (e = the unit diagonal), std 0.5; bounded reward 0.7·tanh(x·e / 2).
+
+    The modes are 8 apart, so a trajectory commits to one at high noise (about levels 16–12 of 20); π* puts about
+    0.52 on the rare mode at λ = 4, the base model 0.005."""
+    dim = 8
+    direction = torch.full((dim,), 1 / math.sqrt(dim), dtype=torch.float64)
+    chain = GaussianMixtureChain(
+        torch.stack([-4 * direction, 4 * direction]), 0.5, [0.995, 0.005], linear_betas(num_steps, 0.01, 0.3)
+    )
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float64).reshape(len(x), dim) @ direction
+
+    return ToyTask(
+        "rare-mode-8d",
+        chain,
+        lambda x: (0.7 * torch.tanh(project(x) / 2)).to(torch.float32),
+        lam,
+        default_branch_levels(num_steps),
+        high_mode=lambda x: project(x) > 0,
+    )
+
+
+def long_chain(num_steps: int = 100, lam: float = 4.5) -> ToyTask:
+    """A long chain branching every 10 levels: 2D modes at (−6, 0), (0, 0), (6, 0) weighted 0.49 / 0.02 / 0.49,
+    std 0.5; bounded reward exp(−‖x‖² / 18), high at the rare centre mode.
+
+    A trajectory commits to a mode at high noise (about levels 80–60 of 100); π* puts about 0.46 on the centre mode
+    at λ = 4.5, the base model 0.02."""
+    means = torch.tensor([[-6.0, 0.0], [0.0, 0.0], [6.0, 0.0]], dtype=torch.float64)
+    chain = GaussianMixtureChain(means, 0.5, [0.49, 0.02, 0.49], linear_betas(num_steps, 0.001, 0.05))
+
+    def reward(x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-(x.to(torch.float64).reshape(len(x), 2) ** 2).sum(-1) / 18).to(torch.float32)
+
+    return ToyTask(
+        f"long-chain-{num_steps}",
+        chain,
+        reward,
+        lam,
+        list(range(num_steps, 0, -10)),
+        high_mode=lambda x: x.reshape(len(x), 2)[:, 0].abs() < 3,
     )
 
 

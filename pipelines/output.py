@@ -24,6 +24,9 @@ class DTSPipelineOutput(BaseOutput):
             scheduler arithmetic, noise), `unet`, `vae_decode`, `reward`, and `total`.
         trees: one sampler per prompt; pass `tree=output.trees` to a later call to keep growing them.
         nsfw_content_detected: the safety checker's flags, when the pipeline has one.
+        distinct_samples: per prompt, how many of its images are distinct terminal states; in search mode fewer than
+            `num_images_per_prompt` when the tree had fewer leaves (the best are then repeated, with a warning).
+            None for methods that do not count them.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -34,3 +37,4 @@ class DTSPipelineOutput(BaseOutput):
     timings: dict[str, float]
     trees: list = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
+    distinct_samples: list[int] | None = None

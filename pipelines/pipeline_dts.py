@@ -8,8 +8,10 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dts_diffusers.tree import Widening
+
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, resolve_reward
+from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward
 
 
 class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
@@ -51,8 +53,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         method: str = "dts",
         branch_every: int | None = 10,
         branch_levels: list[int] | None = None,
-        pw_c: float = 2.0,
-        pw_alpha: float = 0.8,
+        widening: Widening | str = "default",
         c_uct: float = 1.0,
         rollout_batch_size: int = 16,
         vae_batch_size: int = 4,
@@ -71,10 +72,11 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.
             nfe_budget: guided denoising steps per prompt (default: `rollout_batch_size` full rollouts).
             mode: "sample" (DTS) or "search" (DTS*).
-            method: "dts" (the tree) or a baseline of `dts_diffusers.methods.METHODS` under the same budget
-                ("dfs" is depth-first search with backtracking).
+            method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
+                `dts_diffusers.methods.METHODS` under the same budget ("dfs" is depth-first search with backtracking).
             branch_every / branch_levels: where the tree branches (default every 10 steps: 50, 40, 30, 20, 10).
-            pw_c, pw_alpha: progressive widening, a node has at most pw_c·N^pw_alpha children.
+            widening: progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform
+                c = 2, α = 0.8 is 'paper'. 'default' keeps the method's own ('paper' for the "-paper" methods).
             c_uct: exploration constant of search mode.
             rollout_batch_size: rollouts denoised together (the UNet batch is twice this with CFG).
             vae_batch_size: latents decoded together for the reward.
@@ -155,8 +157,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
                 mode=mode,
                 branch_every=branch_every,
                 branch_levels=branch_levels,
-                pw_c=pw_c,
-                pw_alpha=pw_alpha,
+                widening=widening,
                 c_uct=c_uct,
                 rollout_batch_size=rollout_batch_size,
                 latent_cache_bytes=latent_cache_bytes,
@@ -186,6 +187,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             reward_calls=counts["reward_calls"],
             timings={**timer.seconds, "total": time.perf_counter() - call_start},
             trees=trees,
+            distinct_samples=distinct_samples(trees),
             nsfw_content_detected=has_nsfw_concept,
         )
         return output if return_dict else output.to_tuple()

@@ -18,6 +18,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import logging
 
 from dts_diffusers.engine import check_lambda, default_branch_levels
+from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
 from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, SchedulerTransition, stochastic_kind
@@ -61,8 +62,7 @@ PIPELINE_SET_OPTIONS = {
     "lam": "lam=",
     "mode": "mode=",
     "branch_levels": "branch_levels= or branch_every=",
-    "pw_c": "pw_c=",
-    "pw_alpha": "pw_alpha=",
+    "widening": "widening=",
     "c_uct": "c_uct=",
     "batch_size": "rollout_batch_size=",
     "latent_device": "latent_cache_device=",
@@ -71,6 +71,12 @@ PIPELINE_SET_OPTIONS = {
     "device": "the pipeline's device",
     "renoise": "the scheduler (the pipeline passes its forward process)",
 }
+
+
+def distinct_samples(samplers: list) -> list[int] | None:
+    """Distinct terminal states among each sampler's last draw (fewer than asked when a search tree ran short)."""
+    counts = [getattr(sampler, "last_draw_distinct", None) for sampler in samplers]
+    return None if not counts or any(count is None for count in counts) else counts
 
 
 def check_method_options(method: str, method_options) -> dict:
@@ -264,8 +270,7 @@ class TreeSearchMixin:
         mode: str,
         branch_every: int | None,
         branch_levels,
-        pw_c: float,
-        pw_alpha: float,
+        widening,
         c_uct: float,
         rollout_batch_size: int,
         latent_cache_bytes: int | None,
@@ -297,8 +302,7 @@ class TreeSearchMixin:
             "lam": lam,
             "mode": mode,
             "branch_levels": tree_levels(num_inference_steps, branch_every, branch_levels),
-            "pw_c": pw_c,
-            "pw_alpha": pw_alpha,
+            **widening_option(widening),
             "c_uct": c_uct,
             "batch_size": rollout_batch_size,
             "latent_device": latent_cache_device,

@@ -101,7 +101,7 @@ def test_default_generate_runs_the_bundled_digits_model(tmp_path):
     assert best == sorted(best)  # one tree keeps growing, so its best reward never drops
 
 
-@pytest.mark.parametrize("method", ["dts", "smc"])
+@pytest.mark.parametrize("method", ["dts", "dts-paper", "smc"])
 def test_generate_on_a_model_folder(tmp_path, model, method):
     out = tmp_path / method
     assert cli.main(["generate", "--out", str(out), "--model", model, "--method", method, *JPEG, *SMALL_RUN]) == 0
@@ -118,6 +118,26 @@ def test_search_mode_draws_the_best_leaves(tmp_path, model):
     record = json.loads((out / "record.json").read_text())
     assert record["rewards"][0] == pytest.approx(record["tree"]["best_reward"], abs=1e-5)
     assert record["rewards"] == sorted(record["rewards"], reverse=True)
+
+
+def test_search_mode_default_budget_gives_four_leaves_per_image(tmp_path, model, recwarn):
+    out = tmp_path / "search"
+    arguments = ["generate", "--out", str(out), "--model", model, "--mode", "search", "--steps", "5"]
+    assert cli.main([*arguments, "--num-images", "6", "--checkpoints", "5", "--device", "cpu", *JPEG]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["settings"]["nfe_budget"] == 4 * 6 * 5  # above the 16 rollouts of sample mode
+    assert record["tree"]["leaves"] >= 4 * 6 and record["tree"]["last_draw_distinct"] == 6
+    pixels = {Image.open(out / name).tobytes() for name in record["images"]}
+    assert len(pixels) == 6
+    assert not [w for w in recwarn if "search asked for" in str(w.message)]  # early curve points stay quiet
+
+
+def test_widening_flag_reaches_the_tree(tmp_path, model):
+    out = tmp_path / "paper"
+    arguments = ["generate", "--out", str(out), "--model", model, "--widening", "paper", "--checkpoints", "1"]
+    assert cli.main([*arguments, *JPEG, *SMALL_RUN]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["arguments"]["widening"] == "paper" and record["settings"]["nfe_budget"] == 60
 
 
 @pytest.mark.parametrize(

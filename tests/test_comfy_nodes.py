@@ -63,9 +63,10 @@ def test_scheduler_choices_fall_back_to_comfyui_0_8_names_without_comfyui():
 def test_tree_options_map_node_inputs_to_sample_dts():
     options = nodes.tree_options("search", 2.0, 1.0, branch_every=5, rollout_batch=8, method="smc")
     assert options == {
-        "mode": "search", "method": "smc", "lam": 2.0, "eta": 1.0, "branch_every": 5, "pw_c": 2.0, "pw_alpha": 0.8,
+        "mode": "search", "method": "smc", "lam": 2.0, "eta": 1.0, "branch_every": 5, "widening": "default",
         "c_uct": 1.0, "batch_size": 8,
     }  # fmt: skip
+    assert nodes.tree_options("sample", 1.0, 1.0, widening="paper")["widening"] == "paper"
     assert nodes.tree_options("sample", 1.0, 1.0)["branch_every"] is None  # 0 = the paper's schedule
     assert nodes.tree_options("sample", 1.0, 1.0)["method"] == "dts"
 
@@ -78,6 +79,22 @@ def test_method_lists_every_method_and_is_the_last_input(node_id):
     assert list(spec["optional"])[-1] == "method"
     choices, options = spec["optional"]["method"]
     assert choices == list(METHODS) and options["default"] == "dts"
+
+
+@pytest.mark.parametrize("node_id", ["DTSSampler", "DTSSamplerSelect"])
+def test_widening_is_one_choice_of_the_presets_in_the_slot_after_branch_every(node_id):
+    spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["optional"]
+    assert list(spec)[:3] == ["branch_every", "widening", "c_uct"]
+    choices, options = spec["widening"]
+    assert choices == ["default", "paper"] and options["default"] == "default"
+
+
+def test_summary_says_when_the_tree_has_fewer_leaves_than_outputs():
+    info = {"method": "dts*", "rewards": torch.tensor([0.5, 0.5, 0.5]), "best_reward": 0.5}
+    short = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 2, "leaves": 2}}, 8)
+    assert "the tree has only 2 leaves" in short
+    enough = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 9, "leaves": 9}}, 8)
+    assert "leaves" not in enough and enough.startswith("DTS*: rewards [0.5000, 0.5000, 0.5000]; best found")
 
 
 def test_bad_inputs_raise_in_the_node_function_with_clear_messages():

@@ -233,7 +233,7 @@ def test_registered_as_dfs_with_branch_levels_as_evaluation_levels():
     chain = CHECKERBOARD.chain
     search = build_sampler(
         "dfs", chain.prior, chain.transition, CHECKERBOARD.reward, 20, renoise=chain.renoise, branch_levels=[15, 5],
-        pw_c=3.0, max_backtracks=1,
+        widening="paper", max_backtracks=1,
     )  # fmt: skip
     assert isinstance(search, DepthFirstSearch) and search.eval_levels == [15, 5] and search.max_backtracks == 1
     assert search.backtrack_depth == 10

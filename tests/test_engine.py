@@ -8,9 +8,10 @@ import torch
 from scipy import stats
 
 from dts_diffusers import DTS
+from dts_diffusers.engine import deficit_pick
 from dts_diffusers.noise import randn_rows
 from dts_diffusers.toy import bimodal_1d, gmm_2d
-from dts_diffusers.tree import boltzmann, soft_mean
+from dts_diffusers.tree import Widening, boltzmann, soft_mean
 
 TASK = bimodal_1d()
 
@@ -25,7 +26,7 @@ def finished_leaf_values(dts):
     return dts.tree.value_np[:n][(dts.tree.level_np[:n] == 0) & dts.tree.done_np[:n]]
 
 
-@pytest.mark.parametrize("estimator", ["held-out", "paper"])
+@pytest.mark.parametrize("estimator", ["nested", "held-out", "paper"])
 def test_lambda_zero_samples_the_base_chain(estimator):
     """One draw from each of many independent trees: iid draws of the procedure's law, tested against the data."""
     task = bimodal_1d(num_steps=10)
@@ -36,12 +37,78 @@ def test_lambda_zero_samples_the_base_chain(estimator):
     assert stats.ks_2samp(drawn, data).pvalue > 0.01
 
 
-def test_held_out_estimator_is_unbiased_where_the_papers_rule_is_not():
+def test_nested_and_held_out_estimators_are_unbiased_where_the_papers_rule_is_not():
     target = (TASK.target_samples(100_000, 0) > 0).float().mean().item()
-    held_out = [(make(seed=s).run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)]
-    paper = [(make(seed=s, estimator="paper").run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)]
-    assert abs(np.mean(held_out) - target) < 0.07
-    assert np.mean(paper) < target - 0.1  # the finite-budget bias documented in the README
+
+    def high_mode_mass(**kw):
+        return np.mean([(make(seed=s, **kw).run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)])
+
+    assert abs(high_mode_mass() - target) < 0.07
+    assert abs(high_mode_mass(estimator="held-out", widening="paper") - target) < 0.07
+    assert high_mode_mass(estimator="paper", widening="paper") < target - 0.1  # the bias documented in the README
+
+
+def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
+    st = make(seed=0).run(20_000).stats()
+    assert st["nfe_per_leaf"] <= 0.8 * TASK.num_steps
+    narrow = make(seed=0, widening=Widening(1.0, 0.4, 0.2, 0.9)).run(20_000).stats()
+    assert narrow["nfe_per_leaf"] <= 0.6 * TASK.num_steps
+    assert sum(st["nfe_by_level"].values()) == st["nfe"]
+    assert st["draw_eligible_leaves"] == st["leaves"]
+    paper = make(seed=0, estimator="paper", widening="paper").run(20_000).stats()
+    assert paper["nfe_per_leaf"] > 0.95 * TASK.num_steps  # the paper's widening: nearly every rollout is full length
+    held_out = make(seed=0, estimator="held-out", widening="paper").run(20_000).stats()
+    assert held_out["draw_eligible_leaves"] < 0.8 * held_out["leaves"]
+
+
+@pytest.mark.parametrize("estimator", ["nested", "held-out", "paper"])
+def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
+    """stats()'s draw ESS equals (Σp)²/Σp² of leaf probabilities multiplied out along every root-to-leaf path."""
+    dts = make(seed=6, estimator=estimator, batch_size=4).run(600)
+    tree = dts.tree
+    probs = []
+
+    def descend(node, p):
+        if tree.level_np[node] == 0:
+            probs.append(p)
+            return
+        kids = tree.children(node)
+        kids = kids[tree.done_np[kids]]
+        values = tree.value_np[kids]
+        if estimator == "held-out":
+            kids = kids[tree.is_draw_child_np[kids] & tree.draw_complete_np[kids]]
+            values = tree.draw_value_np[kids]
+        for kid, q in zip(kids, boltzmann(values, dts.lam), strict=True):
+            descend(int(kid), p * q)
+
+    descend(0, 1.0)
+    probs = np.array(probs)
+    st = dts.stats()
+    assert st["draw_eligible_leaves"] == (probs > 0).sum()
+    assert st["draw_ess"] == pytest.approx(probs.sum() ** 2 / (probs**2).sum())
+
+
+@pytest.mark.parametrize("mode", ["sample", "search"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"estimator": "held-out", "widening": "paper"}, {"estimator": "paper", "widening": "paper"},
+     {"estimator": "paper", "widening": Widening.uniform(1.0, 0.5)}, {"widening": Widening(1.0, 0.2, 0.1, 0.5)}],
+)  # fmt: skip
+def test_any_batch_size_runs_within_budget(mode, options):
+    """Large batches put every child of a node in flight at once: selection then expands instead of picking."""
+    task = bimodal_1d(num_steps=8)
+    for batch_size in (1, 5, 39, 64, 256):
+        dts = make(task, seed=batch_size, mode=mode, batch_size=batch_size, **options).run(3000)
+        assert dts.nfe <= 3000 and dts.stats()["leaves"] > 0
+        assert dts.sample(8).shape == (8, 1)
+
+
+def test_deficit_pick_gives_each_child_its_share_to_within_one_visit():
+    shares = np.array([0.5, 0.3, 0.15, 0.05])
+    counts = np.zeros(4)
+    for visits in range(1, 201):
+        counts[deficit_pick(shares, visits, counts)] += 1
+        assert np.all(np.abs(counts - shares * visits) < 1 + 1e-9)
 
 
 def test_budget_is_never_exceeded_and_split_runs_equal_one_run():
@@ -55,7 +122,7 @@ def test_budget_is_never_exceeded_and_split_runs_equal_one_run():
 
 def test_draws_are_stratified_over_children_and_keep_the_descent_law():
     """A node holding m draws gives each child ⌊m·p⌋ or ⌈m·p⌉ of them, and on average exactly m·p."""
-    dts = make(seed=3).run(3000)
+    dts = make(seed=3, estimator="held-out").run(3000)
     tree = dts.tree
     kids = tree.children(0)
     kids = kids[tree.is_draw_child_np[kids] & tree.draw_complete_np[kids]]
@@ -101,7 +168,7 @@ def test_tree_statistics_and_structure():
 
 
 def test_search_mode_draws_the_argmax_path_and_tracks_the_best_leaf():
-    dts = make(seed=4, mode="search").run(4000)
+    dts = make(seed=4, mode="search", search_backup="soft").run(4000)
     _, reward = dts.best()
     assert reward == pytest.approx(finished_leaf_values(dts).max())
     tree, node = dts.tree, 0
@@ -117,6 +184,18 @@ def test_search_draws_are_the_best_leaves_in_order_under_max_backup():
     _, rewards = dts.sample(20, return_rewards=True)
     best = np.sort(finished_leaf_values(dts))[::-1][:20]
     np.testing.assert_allclose(rewards.numpy(), best, rtol=1e-6)
+
+
+def test_search_returns_distinct_leaves_and_warns_when_the_tree_has_too_few():
+    dts = make(seed=2, mode="search").run(2000)
+    _, rewards = dts.sample(20, return_rewards=True)
+    np.testing.assert_allclose(rewards.numpy(), np.sort(finished_leaf_values(dts))[::-1][:20], rtol=1e-6)
+    assert dts.stats()["last_draw_distinct"] == 20
+    small = make(seed=2, mode="search", batch_size=2).run(2 * TASK.num_steps)
+    leaves = small.stats()["leaves"]
+    with pytest.warns(UserWarning, match=f"only {leaves} leaves"):
+        assert small.sample(leaves + 3).shape == (leaves + 3, 1)
+    assert small.stats()["last_draw_distinct"] == leaves
 
 
 def test_infinite_lambda_backs_up_the_max():
@@ -156,6 +235,8 @@ def test_rows_do_not_depend_on_batch_composition():
         ({"branch_levels": [25]}, 100, "branch levels must lie in 1..num_steps=20"),
         ({"mode": "greedy"}, 100, "mode must be"),
         ({"estimator": "magic"}, 100, "estimator must be one of"),
+        ({"widening": "wide"}, 100, "widening must be a Widening or one of"),
+        ({"search_backup": "mean"}, 100, "search_backup must be"),
     ],
 )
 def test_bad_arguments_name_the_fix(kwargs, budget, message):
@@ -178,9 +259,22 @@ def test_bad_rewards_are_reported(reward, message):
 
 
 def test_bad_transition_shape_is_reported():
-    dts = DTS(TASK.chain.prior, lambda x, level, gens: x[:, :0], TASK.reward, TASK.num_steps)
+    dts = DTS(TASK.chain.prior, lambda x, level, gens: x[:, :0], TASK.reward, TASK.num_steps, estimator="paper")
     with pytest.raises(ValueError, match="transition must return a tensor shaped like its input"):
         dts.run(100)
+    bad_x0 = DTS(TASK.chain.prior, lambda x, level, gens, return_x0=False: (x, x[:, :0]), TASK.reward, TASK.num_steps)
+    with pytest.raises(ValueError, match=r"must return \(x_prev, x0_hat\)"):
+        bad_x0.run(100)
+
+
+def test_a_transition_without_a_prediction_is_refused_by_the_default_and_runs_under_the_paper_rules():
+    def transition(x, level, gens):
+        return TASK.chain.transition(x, level, gens)
+
+    with pytest.raises(TypeError, match="return_x0=True"):
+        DTS(TASK.chain.prior, transition, TASK.reward, TASK.num_steps)
+    for options in ({"estimator": "paper", "widening": "paper"}, {"estimator": "held-out"}):
+        assert DTS(TASK.chain.prior, transition, TASK.reward, TASK.num_steps, **options).run(200).nfe <= 200
 
 
 def test_engine_works_on_a_generic_chain_without_the_toy():
@@ -189,8 +283,9 @@ def test_engine_works_on_a_generic_chain_without_the_toy():
     def prior(n, gens):
         return randn_rows(gens, (3,))
 
-    def transition(x, level, gens):
-        return 0.9 * x + 0.1 * randn_rows(gens, x.shape[1:])
+    def transition(x, level, gens, return_x0=False):
+        out = 0.9 * x + 0.1 * randn_rows(gens, x.shape[1:])
+        return (out, x) if return_x0 else out
 
     dts = DTS(prior, transition, lambda x: x.sum(-1), num_steps=10, lam=2.0, seed=0).run(800)
     assert dts.sample(5).shape == (5, 3)

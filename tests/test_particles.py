@@ -73,7 +73,7 @@ def test_best_of_n_importance_resampling_targets_pi_star():
 
 
 def test_unknown_method_lists_the_choices():
-    with pytest.raises(ValueError, match="choose one of dts, dts\\*, best-of-n"):
+    with pytest.raises(ValueError, match="choose one of dts, dts\\*, dts-paper, dts\\*-paper, best-of-n"):
         build_sampler("mcmc", TASK.chain.prior, TASK.chain.transition, TASK.reward, 20)
 
 

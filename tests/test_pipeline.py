@@ -21,7 +21,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from dts_diffusers import DTSPipeline, DTSPipelineOutput, DTSXLPipeline
 from dts_diffusers.dfs import DepthFirstSearch
+from dts_diffusers.engine import WIDENINGS
 from dts_diffusers.rewards import CallableReward
+from dts_diffusers.tree import PAPER_WIDENING, Widening
 
 STEPS = 4
 SD_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -148,7 +150,9 @@ def test_from_pretrained_call_honours_budget_and_counts(pipe):
     assert len(out.images) == 1 and isinstance(out.images[0], PIL.Image.Image) and out.images[0].size == (16, 16)
     assert 0 < out.nfe <= 30
     assert out.unet_evals == 2 * out.nfe  # classifier-free guidance: two UNet rows per guided step
-    assert out.reward_calls == out.nfe // STEPS  # every rollout here starts at x_T or a branch and reaches x_0
+    stats = out.trees[0].stats()
+    assert out.reward_calls == stats["reward_evals"] + stats["guide_evals"]  # the leaves, and x̂_0 of new nodes
+    assert stats["reward_evals"] == stats["leaves"] >= out.nfe // STEPS  # every rollout reaches x_0, most from below
     assert out.rewards.dtype == torch.float32 and out.rewards.shape == (1,)
     assert set(out.timings) >= {"engine", "denoise", "unet", "vae_decode", "reward", "total"}
     assert out.timings["unet"] <= out.timings["denoise"] <= out.timings["total"]
@@ -267,7 +271,8 @@ def test_continuing_a_tree_equals_one_call_with_the_whole_budget(pipe):
     whole = run(pipe, nfe_budget=32, output_type="latent")
     assert continued.trees[0].stats()["nodes"] == whole.trees[0].stats()["nodes"]
     assert continued.trees[0].nfe == whole.trees[0].nfe
-    assert continued.trees[0].best()[1] == whole.trees[0].best()[1]
+    # the same tree; its UNet batches may be composed differently, so the values agree to float rounding only
+    assert continued.trees[0].best()[1] == pytest.approx(whole.trees[0].best()[1], abs=1e-5)
 
 
 def test_search_mode_returns_the_best_leaf(pipe):
@@ -276,6 +281,25 @@ def test_search_mode_returns_the_best_leaf(pipe):
     best_latent, best_reward = out.trees[0].best()
     torch.testing.assert_close(out.images, best_latent)
     assert out.rewards[0].item() == pytest.approx(max(reward.scores)) == pytest.approx(best_reward)
+
+
+def test_search_mode_counts_distinct_images_and_warns_when_the_tree_is_short(pipe):
+    out = run(pipe, mode="search", output_type="latent", nfe_budget=40, num_images_per_prompt=3)
+    assert out.distinct_samples == [3] and len({tuple(x.flatten().tolist()) for x in out.images}) == 3
+    with pytest.warns(UserWarning, match="search asked for 3 samples but the tree has only 1 leaves"):
+        short = run(pipe, mode="search", output_type="latent", nfe_budget=STEPS, num_images_per_prompt=3)
+    assert short.distinct_samples == [1] and short.images.shape[0] == 3
+    assert run(pipe, method="smc", num_images_per_prompt=2).distinct_samples is None
+
+
+@pytest.mark.parametrize(
+    ("method", "widening", "expected"),
+    [("dts", "default", WIDENINGS["default"]), ("dts", "paper", PAPER_WIDENING),
+     ("dts-paper", "default", PAPER_WIDENING), ("dts*-paper", Widening.uniform(1.0, 0.5), Widening.uniform(1.0, 0.5))],
+)  # fmt: skip
+def test_widening_default_keeps_the_method_own(pipe, method, widening, expected):
+    out = run(pipe, method=method, widening=widening, output_type="latent")
+    assert out.trees[0].widening == expected
 
 
 def test_baseline_method_under_the_same_budget(pipe):
@@ -328,6 +352,8 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
         ({"timesteps": [999, 500]}, ValueError, "custom schedules"),
         ({"no_such_argument": 1}, TypeError, "unexpected keyword argument 'no_such_argument'"),
         ({"mode": "best"}, ValueError, "mode must be"),
+        ({"widening": "wide"}, ValueError, "widening must be a Widening or one of default, paper"),
+        ({"method_options": {"widening": "paper"}}, ValueError, "set by the pipeline; use widening="),
         ({"reward": None}, ValueError, "reward is required"),
         ({"reward": "no-such-reward"}, ValueError, "unknown reward 'no-such-reward'"),
         ({"callback_on_step_end_tensor_inputs": ["prompt_embeds"]}, ValueError, "only 'latents'"),
