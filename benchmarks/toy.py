@@ -1,20 +1,31 @@
 """Exact toy chains: distance to π* for the samplers, reward found for the searchers, all at equal NFE.
 
-- sampling, bimodal-1d: an exact 20-step mixture chain with a rare high-reward mode (the setting of the known finding
-  in issue 2): Wasserstein-1 to π* and the mass on the high mode, for DTS with the held-out estimator (default), DTS
-  with the paper's rule, best-of-N with importance resampling, SMC and FK-steering.
-- sampling, gmm-2d: the paper's 2D GMM task (100 steps, branch every 20): MMD to π*.
-  For both sampling tasks: the NFE at which each sampler's median first reaches 2× the noise floor, the best
-  baseline's distance at the largest budget and fixed distances, with DTS's NFE ratio to the best baseline.
-- search, gmm-2d: DTS*, best-of-N, BFS (increasing temperature, max scoring, SSP), SVDD, DFS with backtracking,
-  BFS with local search and DAS (without gradients): the mean reward of the 100 best samples each returns, and
-  the best reward found.
-- engine cost: bookkeeping time per iteration (selection, expansion, backup) at 10^4 and 10^5 nodes, and the share
-  of wall time spent outside `transition` and `reward` on the 2D task.
+- sampling (distance to π*: Wasserstein-1 in 1D, MMD otherwise; mass on the rare high-reward mode where the task
+  has one), for DTS (the default), DTS (paper: Algorithm 1's preset), best-of-N with importance resampling, SMC and
+  FK-steering:
+  - bimodal-1d: an exact 20-step mixture chain with a 4% high-reward mode (the known finding of issue 2);
+  - rare-mode-8d: a 0.5% high-reward mode in 8D, chosen at high noise; 20 steps;
+  - long-chain-100: 100 steps branching every 10 levels, a 2% high-reward centre mode chosen at high noise;
+  - gmm-2d and checkerboard-2d: the paper's 2D tasks (100 steps, branch every 20), up to 10^6 NFE.
+  Per task: the NFE at which each sampler's median first reaches 2× the noise floor, the best baseline's distance at
+  the largest budget and fixed distances, with DTS's NFE ratio to the best baseline.
+- search, gmm-2d and rare-mode-8d: DTS*, DTS* (paper), best-of-N, BFS (increasing temperature, max scoring, SSP),
+  SVDD, DFS with backtracking, BFS with local search and DAS (without gradients): the mean reward of the 100 best
+  samples each returns and the best reward found; the NFE at which DTS* first reaches best-of-N's best reward at the
+  largest budget, and best-of-N's budget over it.
+- diagnostics per row: the distinct samples among the draws (every method), and for the tree its NFE per leaf, the
+  draw rule's effective sample size over leaves and the distinct leaves of a draw (`stats()`, None elsewhere).
+- engine cost: bookkeeping time per iteration (selection, expansion, backup) of the default DTS near 10^4, 10^5 and
+  10^6 nodes (`--engine-nodes`), and the share of wall time spent outside `transition` and `reward` on gmm-2d.
 
 Draws in sample mode are stratified for every method (systematic shares), so the comparison is between estimators.
-Writes benchmarks/results/toy.json, toy.md and toy.png. `--quick` runs tiny budgets (a smoke test, not results);
-`--from-json` rebuilds the tables and plot from a saved report.
+Within a task every method runs once per seed before the next seed starts, so a slow period of the machine spreads
+over the methods. MMD uses Gaussian kernels of bandwidths (0.5, 1, 2)·√(d/2): the 2D tasks keep (0.5, 1, 2), the 8D
+task gets (1, 2, 4), matched to its per-coordinate spread.
+
+Writes benchmarks/results/toy.{json,md,png} (`--name` changes the stem), rewritten after every task so a killed run
+keeps the finished ones. `--tasks` runs a subset; `--quick` runs tiny budgets (a smoke test, not results);
+`--from-json A.json B.json` merges the tasks of saved reports and rebuilds the tables and plot, running nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,20 +43,20 @@ import torch
 from ranking import first_reaching, ranking_table, write_atomically
 from scipy.stats import wasserstein_distance
 
-from dts_diffusers.engine import DTS
 from dts_diffusers.methods import build_sampler
-from dts_diffusers.toy import ToyTask, bimodal_1d, gmm_2d
+from dts_diffusers.toy import ToyTask, bimodal_1d, checkerboard_2d, gmm_2d, long_chain, rare_mode_8d
 
 RESULTS = Path(__file__).parent / "results"
 SAMPLERS = {  # label -> (method, options)
-    "DTS (held-out)": ("dts", {}),
-    "DTS (paper rule)": ("dts", {"estimator": "paper"}),
+    "DTS": ("dts", {}),
+    "DTS (paper)": ("dts-paper", {}),
     "best-of-N": ("best-of-n", {}),
     "SMC": ("smc", {}),
     "FK": ("fk", {}),
 }
 SEARCHERS = {
     "DTS*": ("dts*", {}),
+    "DTS* (paper)": ("dts*-paper", {}),
     "best-of-N": ("best-of-n", {"mode": "search"}),
     "BFS": ("bfs", {"mode": "search"}),
     "SVDD": ("svdd", {"mode": "search"}),
@@ -53,9 +65,25 @@ SEARCHERS = {
     "DAS": ("das", {"mode": "search"}),
 }
 BASELINES = ("best-of-N", "SMC", "FK")
+TRACED = ("DTS*", "DTS* (paper)")  # searchers whose best reward is also recorded between budgets
+BUDGETS = [1000, 3000, 10_000, 30_000, 100_000]
+PAPER_BUDGETS = [*BUDGETS, 300_000, 1_000_000]
+QUICK_BUDGETS = [400, 1000, 2000]
+SAMPLING_TASKS = {  # name -> (task factory, budgets)
+    "bimodal-1d": (bimodal_1d, BUDGETS),
+    "rare-mode-8d": (rare_mode_8d, BUDGETS),
+    "long-chain-100": (long_chain, BUDGETS),
+    "gmm-2d": (gmm_2d, PAPER_BUDGETS),
+    "checkerboard-2d": (checkerboard_2d, PAPER_BUDGETS),
+}
+SEARCH_TASKS = {"search-gmm-2d": (gmm_2d, BUDGETS), "search-rare-mode-8d": (rare_mode_8d, BUDGETS)}
+ENGINE_COST = "engine-cost"
+ALL_TASKS = [*SAMPLING_TASKS, *SEARCH_TASKS, ENGINE_COST]
+ENGINE_NODES = (10_000, 100_000, 1_000_000)
 FIXED_TARGETS = {"w1": (0.3, 0.15, 0.1), "mmd": (0.3, 0.15, 0.1)}  # distances every sampler is asked to reach
-ANYTIME = {"dts", "dts*", "best-of-n"}  # a later run(b) continues the same sampler exactly
+ANYTIME = {"dts", "dts*", "dts-paper", "dts*-paper", "best-of-n"}  # a later run(b) continues the same sampler exactly
 TOP = 100  # search: mean reward of the best TOP samples returned
+DIAGNOSTICS = ("nfe_per_leaf", "draw_ess", "draw_distinct_leaves")
 PALETTE = (
     "tab:blue",
     "tab:orange",
@@ -67,32 +95,50 @@ PALETTE = (
     "tab:gray",
     "tab:olive",
     "tab:cyan",
+    "gold",
+    "navy",
 )
 COLORS = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys([*SAMPLERS, *SEARCHERS]))}
 
 
 def mmd(x: np.ndarray, y: np.ndarray, bandwidths=(0.5, 1.0, 2.0)) -> float:
     """Biased MMD with a sum of Gaussian kernels (positive, so comparable with its noise floor)."""
-    xy = np.concatenate([x, y])
-    sq = ((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1)
+    xy = np.concatenate([x, y]).astype(np.float64).reshape(len(x) + len(y), -1)
+    norms = (xy**2).sum(-1)
+    sq = np.maximum(norms[:, None] + norms[None, :] - 2 * xy @ xy.T, 0.0)
     k = sum(np.exp(-sq / (2 * b**2)) for b in bandwidths)
     n = len(x)
     value = k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()
     return float(math.sqrt(max(value, 0.0)))
 
 
+def distance_key(task: ToyTask) -> str:
+    return "w1" if task.chain.dim == 1 else "mmd"
+
+
 def distances(task: ToyTask, drawn: torch.Tensor, reference: torch.Tensor) -> dict:
     if task.chain.dim == 1:
-        a, b = drawn.flatten().numpy(), reference.flatten().numpy()
-        return {"w1": float(wasserstein_distance(a, b)), "high_mode_mass": float((a > 0).mean())}
-    return {"mmd": mmd(drawn.numpy(), reference.numpy())}
+        out = {"w1": float(wasserstein_distance(drawn.flatten().numpy(), reference.flatten().numpy()))}
+    else:
+        scale = math.sqrt(task.chain.dim / 2)
+        out = {"mmd": mmd(drawn.numpy(), reference.numpy(), tuple(b * scale for b in (0.5, 1.0, 2.0)))}
+    if task.high_mode is not None:
+        out["high_mode_mass"] = task.high_mode_mass(drawn)
+    return out
 
 
-def run_method(task: ToyTask, methods: dict, label: str, budgets: list[int], seed: int, measure) -> list[dict]:
-    """Grow an anytime sampler through the budgets (rebuild the others at each) and measure it at every budget."""
-    method, options = methods[label]
-    rows = []
-    make = lambda: build_sampler(  # noqa: E731
+def diagnostics(sampler, drawn: torch.Tensor) -> dict:
+    """Distinct rows of the draw (any method) and the tree's reuse / draw-rule diagnostics (None where absent)."""
+    stats = sampler.stats()
+    out = {key: stats.get(key) for key in DIAGNOSTICS}
+    if out["draw_distinct_leaves"] is None:
+        out["draw_distinct_leaves"] = stats.get("last_draw_distinct")
+    out["distinct_draws"] = len(torch.unique(drawn.reshape(len(drawn), -1), dim=0))
+    return out
+
+
+def make_sampler(task: ToyTask, method: str, options: dict, seed: int):
+    return build_sampler(
         method,
         task.chain.prior,
         task.chain.transition,
@@ -105,21 +151,51 @@ def run_method(task: ToyTask, methods: dict, label: str, budgets: list[int], see
         renoise=task.chain.renoise,
         **options,
     )
-    sampler = make()
+
+
+def trace_checkpoints(task: ToyTask, budgets: list[int]) -> list[int]:
+    """20 NFE checkpoints per decade up to the largest budget, the budgets included."""
+    low = math.log10(max(2 * task.num_steps, budgets[0] / 10))
+    grid = np.round(10 ** np.arange(low, math.log10(budgets[-1]) + 1e-9, 0.05)).astype(int)
+    return sorted({*grid.tolist(), *budgets})
+
+
+def run_method(
+    task: ToyTask, methods: dict, label: str, budgets: list[int], seed: int, measure, trace: list[int] | None = None
+) -> tuple[list[dict], list[list[float]] | None]:
+    """Grow an anytime sampler through the budgets (rebuild the others at each) and measure it at every budget.
+
+    With `trace` (NFE checkpoints; anytime methods only), also return [checkpoint, best reward so far] at each
+    checkpoint and budget (the checkpoint is the NFE granted; the sampler may have spent a few less)."""
+    method, options = methods[label]
+    anytime = method in ANYTIME
+    rows, curve = [], ([] if trace is not None and anytime else None)
+    sampler = make_sampler(task, method, options, seed)
+    granted = 0  # NFE granted so far: run() adds to the sampler's target, so the tree equals one run(budget)
     for budget in budgets:
-        if method not in ANYTIME:
-            sampler = make()
+        if not anytime:
+            sampler, granted = make_sampler(task, method, options, seed), 0
         start = time.perf_counter()
-        sampler.run(budget - sampler.nfe)
+        for point in (c for c in trace or () if curve is not None and granted < c < budget):
+            sampler.run(point - granted)
+            granted = point
+            curve.append([point, float(sampler.best()[1])])
+        sampler.run(budget - granted)
+        granted = budget
+        if curve is not None:
+            curve.append([budget, float(sampler.best()[1])])
         elapsed = time.perf_counter() - start
         row = {"method": label, "seed": seed, "budget": budget, "nfe": sampler.nfe, "seconds": elapsed}
         rows.append(row | measure(sampler))
-    return rows
+    return rows, curve
 
 
 def search_measure(sampler) -> dict:
-    _, rewards = sampler.sample(TOP, return_rewards=True)
-    return {"top_mean_reward": float(rewards.mean()), "best_reward": float(sampler.best()[1])}
+    with warnings.catch_warnings():  # a small tree repeats its best leaves; distinct_draws records it
+        warnings.filterwarnings("ignore", message="search asked for")
+        top, rewards = sampler.sample(TOP, return_rewards=True)
+    out = {"top_mean_reward": float(rewards.mean()), "best_reward": float(sampler.best()[1])}
+    return out | diagnostics(sampler, top)
 
 
 def noise_floor(task: ToyTask, draws: int, seeds: int) -> dict:
@@ -127,52 +203,61 @@ def noise_floor(task: ToyTask, draws: int, seeds: int) -> dict:
     values = [
         distances(task, task.target_samples(draws, 100 + s), task.target_samples(draws, 200 + s)) for s in range(seeds)
     ]
-    return {key: float(np.median([v[key] for v in values])) for key in values[0]}
+    return {key: float(np.median([v[key] for v in values])) for key in values[0] if key != "high_mode_mass"}
 
 
-def engine_cost(quick: bool) -> dict:
-    """Bookkeeping seconds per iteration near 10^4 and 10^5 nodes, with a near-free transition and reward."""
+def engine_cost(node_targets, probe_budget: int) -> dict:
+    """Bookkeeping seconds per iteration of the default DTS near each node count, with a near-free transition and
+    reward; then the share of wall time outside `transition` and `reward` on gmm-2d at `probe_budget` NFE."""
 
     def prior(n, gens):
         return torch.zeros(n, 2)
 
-    def transition(x, level, gens):
-        return x
+    def transition(x, level, gens, return_x0=False):
+        return (x, x) if return_x0 else x
 
-    out = {}
-    targets = (2_000, 10_000) if quick else (10_000, 100_000)
-    dts = DTS(prior, transition, lambda x: torch.rand(len(x)), num_steps=10, branch_levels=[10, 8, 6, 4, 2], seed=0)
-    for target in targets:
-        while dts.stats()["nodes"] < 0.9 * target:
-            dts.run(10_000)
+    out: dict = {}
+    start = time.perf_counter()
+    dts = build_sampler(
+        "dts", prior, transition, lambda x: torch.rand(len(x)), 10, branch_levels=[10, 8, 6, 4, 2], seed=0
+    )
+    for target in node_targets:
+        nodes = dts.stats()["nodes"]
+        while nodes < 0.9 * target:
+            dts.run(max(10_000, target - nodes))  # a node costs at least one NFE: this never overshoots much
+            nodes, before = dts.stats()["nodes"], nodes
+            if nodes == before:
+                break
         before_t, before_i = dts.timings.bookkeeping, dts.iterations
         dts.run(10_000)
-        out[f"seconds_per_iteration_at_{target}_nodes"] = (dts.timings.bookkeeping - before_t) / (
-            dts.iterations - before_i
-        )
+        per_iteration = (dts.timings.bookkeeping - before_t) / max(dts.iterations - before_i, 1)
+        out[f"seconds_per_iteration_at_{target}_nodes"] = per_iteration
+        out[f"nodes_measured_near_{target}"] = [nodes, dts.stats()["nodes"]]  # before and after the measured run
+        print(f"engine cost: {per_iteration:.2e} s/iteration from {nodes} nodes", flush=True)
+    out["tree_wall_seconds"] = time.perf_counter() - start
+
+    task = gmm_2d()
+    probe = make_sampler(task, "dts", {}, 0)
+    start = time.perf_counter()
+    probe.run(probe_budget)
+    wall = time.perf_counter() - start
+    t = probe.timings
+    out["gmm_2d_probe_nfe"] = probe_budget
+    out["gmm_2d_share_outside_transition_and_reward"] = 1 - (t.transition + t.reward) / wall
+    out["gmm_2d_wall_seconds"] = wall
     return out
 
 
-def reaching(entry: dict, key: str, target: float) -> dict:
-    """The NFE at which each sampler's median first reaches `target`, and DTS's ratio to the best baseline's NFE.
-
-    The ratio is DTS's NFE over the best baseline's (below 1: DTS needs less); a method that never reaches the
-    target within the budgets gets None, and so does the ratio when either side never reaches it."""
-    table = medians(entry, (key,))
-    nfe = {m: first_reaching({b: p[key] for b, p in table[m].items()}, target) for m in SAMPLERS}
-    reached = [nfe[m] for m in BASELINES if nfe[m] is not None]
-    dts = nfe["DTS (held-out)"]
-    return {
-        "target": target,
-        "nfe_to_reach": nfe,
-        "dts_ratio_to_best_baseline": dts / min(reached) if dts is not None and reached else None,
-    }
-
-
+# ---------------------------------------------------------------------------------------------------------------
+# summaries
+# ---------------------------------------------------------------------------------------------------------------
 def summarise(rows: list[dict], key: str) -> dict:
+    """{method: {budget: {median, min, max}}} over seeds; rows where `key` is None are left out, and so is a method
+    that never has it."""
     table = {}
     for r in rows:
-        table.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r[key])
+        if r.get(key) is not None:
+            table.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r[key])
     return {
         m: {
             str(n): {"median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
@@ -190,28 +275,80 @@ def medians(entry: dict, keys: tuple[str, ...]) -> dict:
     }
 
 
-def targets_reached(entry: dict, key: str) -> list[dict]:
+def reaching(entry: dict, key: str, target: float) -> dict:
+    """The NFE at which each sampler's median first reaches `target`, and DTS's ratio to the best baseline's NFE.
+
+    The ratio is DTS's NFE over the best baseline's (below 1: DTS needs less); a method that never reaches the
+    target within the budgets gets None, and so does the ratio when either side never reaches it."""
+    table = medians(entry, (key,))
+    nfe = {m: first_reaching({b: p[key] for b, p in table[m].items()}, target) for m in table}
+    reached = [nfe[m] for m in BASELINES if nfe.get(m) is not None]
+    dts = nfe.get("DTS")
+    return {
+        "target": target,
+        "nfe_to_reach": nfe,
+        "dts_ratio_to_best_baseline": dts / min(reached) if dts is not None and reached else None,
+    }
+
+
+def targets_reached(entry: dict) -> list[dict]:
     """`reaching` at 2× the noise floor, at the best baseline's distance at the largest budget, and at fixed targets."""
+    key = entry["distance"]
     largest = str(entry["budgets"][-1])
-    baseline = min(BASELINES, key=lambda m: entry["summary"][key][m][largest]["median"])
+    summary = entry["summary"][key]
+    baseline = min((m for m in BASELINES if m in summary), key=lambda m: summary[m][largest]["median"])
     return [
         {"name": "2× the noise floor", **reaching(entry, key, 2 * entry["noise_floor"][key])},
-        {
-            "name": f"{baseline}'s at NFE {largest}",
-            **reaching(entry, key, entry["summary"][key][baseline][largest]["median"]),
-        },
+        {"name": f"{baseline}'s at NFE {largest}", **reaching(entry, key, summary[baseline][largest]["median"])},
         *({"name": "fixed", **reaching(entry, key, t)} for t in FIXED_TARGETS[key]),
     ]
 
 
-def reaching_lines(entry: dict, key: str) -> list[str]:
+def search_reaching(entry: dict) -> dict:
+    """For each traced searcher: the first NFE at which it reaches best-of-N's median best reward at the largest
+    budget (on its median curve over seeds, and per seed), and best-of-N's budget over that NFE."""
+    largest = entry["budgets"][-1]
+    target = entry["summary"]["best_reward"]["best-of-N"][str(largest)]["median"]
+    out = {"target": target, "budget": largest, "methods": {}}
+    for label, curves in entry.get("traces", {}).items():
+        per_seed = [first_reaching(dict(c), target, lower_is_better=False) for c in curves.values()]
+        points = [dict(c) for c in curves.values()]
+        common = sorted(set.intersection(*(set(p) for p in points)))
+        median_curve = {n: float(np.median([p[n] for p in points])) for n in common}
+        nfe = first_reaching(median_curve, target, lower_is_better=False)
+        out["methods"][label] = {
+            "nfe_median_curve": nfe,
+            "nfe_per_seed": per_seed,
+            "ratio": largest / nfe if nfe else None,
+        }
+    return out
+
+
+def finish(report: dict) -> dict:
+    """Recompute the derived parts (reaching targets), so a report rebuilt from JSON follows the current code."""
+    for entry in report["sampling"].values():
+        entry["targets"] = targets_reached(entry)
+    for entry in report["search"].values():
+        if "best-of-N" in entry["summary"]["best_reward"]:
+            entry["reaching"] = search_reaching(entry)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------------------------
+def shown_budgets(budgets: list[int]) -> list[int]:
+    return list(dict.fromkeys([budgets[0], budgets[len(budgets) // 2], budgets[-1]]))
+
+
+def reaching_lines(entry: dict) -> list[str]:
     """A Markdown bullet per target: the NFE each sampler first reaches it at; DTS's ratio to the best baseline."""
     lines = []
     for found in entry["targets"]:
         nfe = ", ".join(f"{m} {n if n is not None else '—'}" for m, n in found["nfe_to_reach"].items())
         ratio = found["dts_ratio_to_best_baseline"]
         lines.append(
-            f"- first NFE at {key} ≤ {found['target']:.3g} ({found['name']}): {nfe}; "
+            f"- first NFE at {entry['distance'].upper()} ≤ {found['target']:.3g} ({found['name']}): {nfe}; "
             + (
                 f"DTS needs {ratio:.2g}× the best baseline's NFE"
                 if ratio is not None
@@ -221,122 +358,257 @@ def reaching_lines(entry: dict, key: str) -> list[str]:
     return lines
 
 
-def markdown(report: dict) -> str:
-    shown = report["gmm-2d"]["budgets"][::2]
+def diagnostics_table(entry: dict) -> list[str]:
+    """method × budget → "NFE per leaf, draw ESS" (medians), for the methods that report them (the tree)."""
+    per_leaf = entry["summary"].get("nfe_per_leaf", {})
+    if not per_leaf:
+        return []
+    ess = entry["summary"].get("draw_ess", {})
+    budgets = entry["budgets"]
     lines = [
-        f"Medians over {report['seeds']} seeds; {report['draws']} draws per sampler; ranked at three budgets.",
+        "| method | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for method, series in per_leaf.items():
+        cells = []
+        for b in budgets:
+            leaf = series.get(str(b), {}).get("median")
+            e = ess.get(method, {}).get(str(b), {}).get("median")
+            cells.append(("—" if leaf is None else f"{leaf:.1f}") + ("" if e is None else f", {e:.0f}"))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sampling_section(name: str, entry: dict) -> list[str]:
+    key = entry["distance"]
+    has_mass = "high_mode_mass" in entry["summary"]
+    keys = (key, "high_mode_mass") if has_mass else (key,)
+    mass_note = f" / high-mode mass; π* puts {entry['target_high_mode_mass']:.3f} there" if has_mass else ""
+    cell = (
+        (lambda p: f"{p[key]:.3f} / {p['high_mode_mass']:.2f}") if has_mass else (lambda p: f"{p[key]:.3f}")
+    )  # fmt: skip
+    return [
+        f"### Sampling, {name}",
         "",
-        "Sampling, bimodal-1d (cell: W1 to π* / high-mode mass; π* puts "
-        f"{report['bimodal-1d']['target_high_mode_mass']:.3f} there, noise floor W1 "
-        f"{report['bimodal-1d']['noise_floor']['w1']:.3f}):",
+        f"Cell: {key.upper()} to π*{mass_note}; noise floor {entry['noise_floor'][key]:.3f}.",
         "",
-        *ranking_table(
-            medians(report["bimodal-1d"], ("w1", "high_mode_mass")),
-            shown,
-            "w1",
-            True,
-            lambda p: f"{p['w1']:.3f} / {p['high_mode_mass']:.2f}",
+        *ranking_table(medians(entry, keys), shown_budgets(entry["budgets"]), key, True, cell),
+        "",
+        *reaching_lines(entry),
+        "",
+        "Distinct samples among the draws (median): "
+        + "; ".join(
+            f"{m} {int(s[str(entry['budgets'][-1])]['median'])}" for m, s in entry["summary"]["distinct_draws"].items()
+        )
+        + f" at NFE {entry['budgets'][-1]}.",
+        "",
+        *(
+            ["Tree diagnostics (cell: NFE per leaf, draw ESS over leaves; medians):", "", *diagnostics_table(entry), ""]
+            if entry["summary"].get("nfe_per_leaf")
+            else []
         ),
+    ]
+
+
+def search_section(name: str, entry: dict) -> list[str]:
+    lines = [
+        f"### Search, {name.removeprefix('search-')}",
         "",
-        *reaching_lines(report["bimodal-1d"], "W1"),
-        "",
-        f"Sampling, gmm-2d (cell: MMD to π*; noise floor {report['gmm-2d']['noise_floor']['mmd']:.3f}):",
-        "",
-        *ranking_table(medians(report["gmm-2d"], ("mmd",)), shown, "mmd", True, lambda p: f"{p['mmd']:.3f}"),
-        "",
-        *reaching_lines(report["gmm-2d"], "MMD"),
-        "",
-        f"Search, gmm-2d (cell: mean reward of the {TOP} best samples returned / best reward found):",
+        f"Cell: mean reward of the {TOP} best samples returned / best reward found.",
         "",
         *ranking_table(
-            medians(report["search-gmm-2d"], ("top_mean_reward", "best_reward")),
-            shown,
+            medians(entry, ("top_mean_reward", "best_reward")),
+            shown_budgets(entry["budgets"]),
             "top_mean_reward",
             False,
             lambda p: f"{p['top_mean_reward']:.3f} / {p['best_reward']:.3f}",
         ),
+        "",
     ]
-    return "\n".join(lines)
+    found = entry.get("reaching")
+    if found:
+        for label, r in found["methods"].items():
+            seeds = ", ".join(str(n) if n is not None else "—" for n in r["nfe_per_seed"])
+            lines.append(
+                f"- {label} first reaches best-of-N's best reward at NFE {found['budget']} ({found['target']:.3f}) "
+                + (
+                    f"at NFE {r['nfe_median_curve']} (median curve; per seed {seeds}): best-of-N's budget over it "
+                    f"{r['ratio']:.2g}× (acceptance ≥ 5×)"
+                    if r["nfe_median_curve"]
+                    else f"never within NFE {found['budget']} on its median curve (per seed {seeds})"
+                )
+            )
+        lines.append("")
+    if entry["summary"].get("nfe_per_leaf"):
+        lines += ["Tree diagnostics (cell: NFE per leaf; medians):", "", *diagnostics_table(entry), ""]
+    return lines
 
 
-def measure_all(quick: bool, seeds: int) -> dict:
-    """Every sampler and searcher on every task at every budget and seed, and the engine's cost."""
-    seeds = 1 if quick else seeds
-    draws = 300 if quick else 2000
-    budgets = [400, 1000, 2000] if quick else [1000, 3000, 10_000, 30_000, 100_000]
-    report: dict = {"platform": platform.platform(), "torch": torch.__version__, "draws": draws, "seeds": seeds}
+def markdown(report: dict) -> str:
+    lines = [
+        f"Medians over {report['seeds']} seeds; {report['draws']} draws per sampler; ranked at three budgets. "
+        "MMD: Gaussian kernels of bandwidths (0.5, 1, 2)·√(d/2).",
+        "",
+    ]
+    for name, entry in report["sampling"].items():
+        lines += sampling_section(name, entry)
+    for name, entry in report["search"].items():
+        lines += search_section(name, entry)
+    cost = report.get("engine_cost")
+    if cost:
+        lines += ["### Engine cost", ""]
+        for k, v in cost.items():
+            if k.startswith("seconds_per_iteration_at_"):
+                target = k.split("_at_")[1].split("_")[0]
+                low, high = cost.get(f"nodes_measured_near_{target}", [target, target])
+                lines.append(f"- bookkeeping {v * 1e3:.3f} ms per iteration at {low}–{high} nodes (target {target})")
+        if "gmm_2d_share_outside_transition_and_reward" in cost:
+            share = 100 * cost["gmm_2d_share_outside_transition_and_reward"]
+            lines.append(
+                f"- gmm-2d, {cost['gmm_2d_probe_nfe']} NFE: {share:.0f}% of {cost['gmm_2d_wall_seconds']:.1f} s "
+                "outside transition and reward"
+            )
+    return "\n".join(lines).rstrip() + "\n"
 
-    for name, task, key in (("bimodal-1d", bimodal_1d(), "w1"), ("gmm-2d", gmm_2d(), "mmd")):
-        reference = task.target_samples(draws, 0)
 
-        def measure(sampler, task=task, reference=reference) -> dict:
-            return distances(task, sampler.sample(draws), reference)
+# ---------------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------------
+def run_sampling_task(name: str, budgets: list[int], seeds: int, draws: int, clock: float) -> dict:
+    task = SAMPLING_TASKS[name][0]()
+    key = distance_key(task)
+    reference = task.target_samples(draws, 0)
 
-        rows = []
-        for label in SAMPLERS:
-            for seed in range(seeds):
-                rows += run_method(task, SAMPLERS, label, budgets, seed, measure)
-                print(name, label, seed, rows[-1], flush=True)
-        floor = noise_floor(task, draws, 5)
-        entry = {"budgets": budgets, "noise_floor": floor, "rows": rows, "summary": {key: summarise(rows, key)}}
-        if name == "bimodal-1d":
-            entry["target_high_mode_mass"] = float((task.target_samples(200_000, 1) > 0).float().mean())
-            entry["summary"]["high_mode_mass"] = summarise(rows, "high_mode_mass")
-        entry["targets"] = targets_reached(entry, key)
-        report[name] = entry
+    def measure(sampler) -> dict:
+        drawn = sampler.sample(draws)
+        return distances(task, drawn, reference) | diagnostics(sampler, drawn)
 
-    task = gmm_2d()
     rows = []
-    for label in SEARCHERS:
-        for seed in range(seeds):
-            rows += run_method(task, SEARCHERS, label, budgets, seed, search_measure)
-            print("search gmm-2d", label, seed, rows[-1], flush=True)
-    report["search-gmm-2d"] = {
+    for seed in range(seeds):
+        for label in SAMPLERS:
+            new, _ = run_method(task, SAMPLERS, label, budgets, seed, measure)
+            rows += new
+            last = new[-1]
+            mass = f", mass {last['high_mode_mass']:.3f}" if "high_mode_mass" in last else ""
+            print(
+                f"[{time.perf_counter() - clock:7.0f}s] {name} seed {seed} {label}: {key} {last[key]:.4f}{mass} at NFE "
+                f"{last['nfe']} ({sum(r['seconds'] for r in new):.1f}s)",
+                flush=True,
+            )
+    keys = [key, "distinct_draws", "seconds", *DIAGNOSTICS]
+    entry = {"budgets": budgets, "distance": key, "noise_floor": noise_floor(task, draws, 5), "rows": rows}
+    if task.high_mode is not None:
+        entry["target_high_mode_mass"] = task.high_mode_mass(task.target_samples(200_000, 1))
+        keys.append("high_mode_mass")
+    entry["summary"] = {k: summarise(rows, k) for k in keys}
+    return entry
+
+
+def run_search_task(name: str, budgets: list[int], seeds: int, clock: float) -> dict:
+    task = SEARCH_TASKS[name][0]()
+    checkpoints = trace_checkpoints(task, budgets)
+    rows, traces = [], {}
+    for seed in range(seeds):
+        for label in SEARCHERS:
+            trace = checkpoints if label in TRACED else None
+            new, curve = run_method(task, SEARCHERS, label, budgets, seed, search_measure, trace)
+            rows += new
+            if curve is not None:
+                traces.setdefault(label, {})[str(seed)] = curve
+            last = new[-1]
+            print(
+                f"[{time.perf_counter() - clock:7.0f}s] {name} seed {seed} {label}: top-{TOP} mean "
+                f"{last['top_mean_reward']:.3f}, best {last['best_reward']:.3f} at NFE {last['nfe']} "
+                f"({sum(r['seconds'] for r in new):.1f}s)",
+                flush=True,
+            )
+    keys = ("top_mean_reward", "best_reward", "distinct_draws", "seconds", *DIAGNOSTICS)
+    return {
         "budgets": budgets,
         "top": TOP,
         "rows": rows,
-        "summary": {key: summarise(rows, key) for key in ("top_mean_reward", "best_reward")},
+        "traces": traces,
+        "summary": {k: summarise(rows, k) for k in keys},
     }
 
-    report["engine_cost"] = engine_cost(quick)
-    probe = build_sampler(
-        "dts", task.chain.prior, task.chain.transition, task.reward, task.num_steps, lam=task.lam, seed=0,
-        branch_levels=task.branch_levels,
-    )  # fmt: skip
-    start = time.perf_counter()
-    probe.run(budgets[-1])
-    wall = time.perf_counter() - start
-    t = probe.timings
-    report["engine_cost"]["gmm_2d_share_outside_transition_and_reward"] = 1 - (t.transition + t.reward) / wall
-    report["engine_cost"]["gmm_2d_wall_seconds"] = wall
-    return report
+
+def empty_report(seeds: int, draws: int, quick: bool) -> dict:
+    return {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "draws": draws,
+        "seeds": seeds,
+        "quick": quick,
+        "sampling": {},
+        "search": {},
+    }
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report with the task entries of all (a later file's entry replaces an earlier one of the same task)."""
+    out = {k: v for k, v in reports[0].items() if k not in ("sampling", "search", "engine_cost")}
+    out |= {"sampling": {}, "search": {}}
+    for r in reports:
+        out["sampling"] |= r.get("sampling", {})
+        out["search"] |= r.get("search", {})
+        if r.get("engine_cost"):
+            out["engine_cost"] = out.get("engine_cost", {}) | r["engine_cost"]
+        if (r["seeds"], r["draws"]) != (out["seeds"], out["draws"]):
+            print(f"warning: merging reports with different seeds/draws ({r['seeds']}/{r['draws']})", flush=True)
+    order = {name: i for i, name in enumerate(ALL_TASKS)}
+    for part in ("sampling", "search"):
+        out[part] = dict(sorted(out[part].items(), key=lambda kv: order.get(kv[0], len(order))))
+    return out
+
+
+def save(report: dict, out: Path, name: str) -> str:
+    finish(report)
+    table = markdown(report)
+    write_atomically(out / f"{name}.json", json.dumps(report, indent=1))
+    write_atomically(out / f"{name}.md", table)
+    plot(report, out / f"{name}.png")
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not results")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a smoke test, not results")
+    parser.add_argument("--tasks", nargs="+", choices=ALL_TASKS, default=ALL_TASKS, metavar="NAME", help=str(ALL_TASKS))
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=2000, help="draws per sampler and measurement (300 under --quick)")
+    parser.add_argument("--engine-nodes", type=int, nargs="+", help=f"engine-cost node counts (default {ENGINE_NODES})")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="output stem (default toy, or toy_quick under --quick)")
     parser.add_argument(
-        "--from-json", type=Path, help="rebuild the tables and plot from a saved report, running nothing"
+        "--from-json", type=Path, nargs="+", help="merge saved reports and rebuild the tables and plot, running nothing"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.from_json:
-        report = json.loads(args.from_json.read_text())
-        for name, key in (("bimodal-1d", "w1"), ("gmm-2d", "mmd")):
-            report[name]["targets"] = targets_reached(report[name], key)
-    else:
-        report = measure_all(args.quick, args.seeds)
-
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "toy_quick" if args.quick else "toy"
-    table = markdown(report)
-    print(table)
-    write_atomically(args.out / f"{name}.json", json.dumps(report, indent=1))
-    write_atomically(args.out / f"{name}.md", table + "\n")
-    plot(report, args.out / f"{name}.png")
-    print(json.dumps(report["engine_cost"], indent=1))
+    name = args.name or ("toy_quick" if args.quick else "toy")
+
+    if args.from_json:
+        table = save(merge([json.loads(p.read_text()) for p in args.from_json]), args.out, name)
+        print(table)
+        return
+
+    seeds = 1 if args.quick else args.seeds
+    draws = 300 if args.quick else args.draws
+    report = empty_report(seeds, draws, args.quick)
+    clock = time.perf_counter()
+    for task in args.tasks:
+        if task in SAMPLING_TASKS:
+            budgets = QUICK_BUDGETS if args.quick else SAMPLING_TASKS[task][1]
+            report["sampling"][task] = run_sampling_task(task, budgets, seeds, draws, clock)
+        elif task in SEARCH_TASKS:
+            budgets = QUICK_BUDGETS if args.quick else SEARCH_TASKS[task][1]
+            report["search"][task] = run_search_task(task, budgets, seeds, clock)
+        else:
+            nodes = args.engine_nodes or ((2_000, 10_000) if args.quick else ENGINE_NODES)
+            report["engine_cost"] = engine_cost(nodes, QUICK_BUDGETS[-1] if args.quick else BUDGETS[-1])
+        save(report, args.out, name)
+        print(f"[{time.perf_counter() - clock:7.0f}s] {task} done; wrote {args.out / name}.json", flush=True)
+    print(markdown(report))
 
 
 def plot(report: dict, path: Path) -> None:
@@ -345,34 +617,45 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("bimodal-1d", "w1", "sampling: W1 to π* (1D)"),
-        ("bimodal-1d", "high_mode_mass", "sampling: high-mode mass (1D)"),
-        ("gmm-2d", "mmd", "sampling: MMD to π* (2D GMM)"),
-        ("search-gmm-2d", "top_mean_reward", f"search: mean reward of the {TOP} best (2D GMM)"),
-    ]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    for ax, (task, key, title) in zip(axes, panels, strict=True):
-        for method, series in report[task]["summary"][key].items():
+    panels = []
+    for task, entry in report["sampling"].items():
+        key = entry["distance"]
+        panels.append((entry, key, f"{task}: {key.upper()} to π*"))
+        if "high_mode_mass" in entry["summary"]:
+            panels.append((entry, "high_mode_mass", f"{task}: high-mode mass"))
+    for task, entry in report["search"].items():
+        short = task.removeprefix("search-")
+        panels.append((entry, "top_mean_reward", f"search {short}: mean reward of the {TOP} best"))
+        panels.append((entry, "best_reward", f"search {short}: best reward"))
+    if not panels:
+        return
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    handles = {}
+    for ax, (entry, key, title) in zip(axes.flat, panels, strict=False):
+        for method, series in entry["summary"][key].items():
             nfe = [int(n) for n in series]
             med = [series[n]["median"] for n in series]
             lo = [series[n]["min"] for n in series]
             hi = [series[n]["max"] for n in series]
-            ax.plot(nfe, med, marker="o", label=method, color=COLORS[method])
-            ax.fill_between(nfe, lo, hi, alpha=0.15, color=COLORS[method])
+            (line,) = ax.plot(nfe, med, marker="o", label=method, color=COLORS.get(method))
+            ax.fill_between(nfe, lo, hi, alpha=0.15, color=line.get_color())
+            handles.setdefault(method, line)
         if key == "high_mode_mass":
-            ax.axhline(report[task]["target_high_mode_mass"], color="k", ls="--", label="π*")
-        elif key in report[task].get("noise_floor", {}):
-            ax.axhline(report[task]["noise_floor"][key], color="k", ls="--", label="noise floor")
+            handles["π*"] = ax.axhline(entry["target_high_mode_mass"], color="k", ls="--", label="π*")
+        elif key in entry.get("noise_floor", {}):
+            handles["noise floor"] = ax.axhline(entry["noise_floor"][key], color="k", ls="--", label="noise floor")
             ax.set_yscale("log")
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    axes[3].legend(fontsize=8)
-    fig.tight_layout()
+        ax.set_title(title, fontsize=10)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 8), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if rows > 1 else 0.1, 1, 1))
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
 
