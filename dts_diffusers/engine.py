@@ -148,8 +148,8 @@ class DTS:
     - ``"paper"``: Algorithm 1 as published: Boltzmann selection and drawing on the log-mean-exp over all children.
 
     Search mode (DTS*) backs up the max (``search_backup="max"``) and, with ``"nested"``, allocates visits ∝
-    exp(search_greed·z) over the children's values standardised among siblings, so it is invariant to the reward's
-    scale; with ``"paper"`` it selects by UCT on the soft value (``c_uct``). Draws return the best distinct leaves.
+    exp(search_greed·(z(value) + z(guide))): the best leaf found below each child and the reward of its own x̂_0, each
+    standardised among the siblings, so it is invariant to the reward's scale; with ``"paper"`` it selects by UCT on the soft value (``c_uct``). Draws return the best distinct leaves.
 
     ``widening`` is a `Widening`, or ``"default"`` / ``"paper"`` (c = 2, α = 0.8 at every node).
     """
@@ -167,7 +167,7 @@ class DTS:
         estimator: str = "nested",
         c_uct: float = 1.0,
         guide_trust: float = 0.0,
-        search_greed: float = 2.0,
+        search_greed: float = 4.0,
         search_backup: str = "max",
         batch_size: int = 16,
         seed: int = 0,
@@ -392,7 +392,9 @@ class DTS:
         tree = self.tree
         if self._guided:
             if self.mode == "search":
-                shares = boltzmann(standardised(tree.value_np[kids]), self.search_greed)
+                # the best leaf below each child, and its own x̂_0 reward, each standardised among the siblings
+                score = standardised(tree.value_np[kids]) + standardised(tree.guide_np[kids])
+                shares = boltzmann(score, self.search_greed)
             else:
                 shares = boltzmann(tree.guide_np[kids], self.lam * self._trust[int(tree.level_np[node])])
             return int(kids[deficit_pick(shares, tree.visits_np[node] + tree.pending_np[node],
