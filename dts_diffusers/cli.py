@@ -27,6 +27,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 # a later run(b) continues the same sampler exactly
 ANYTIME_METHODS = ("dts", "dts*", "dts-paper", "dts*-paper", "best-of-n")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "dts-diffusers")
+# written into every folder `dts generate` / `dts batch` produce; --overwrite replaces only a folder that holds it
+RUN_MARKER = ".dts-run"
 
 
 class CLIError(Exception):
@@ -79,7 +81,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed (batch: prompt i uses seed + i)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: float16 on cuda, float32 on cpu")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing --out folder that an earlier dts run wrote (it holds {RUN_MARKER}); "
+        "any other non-empty folder is refused",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,8 +263,7 @@ def check_run_arguments(args: argparse.Namespace) -> None:
         raise CLIError(f"--nfe-budget must be >= 1 (got {args.nfe_budget})")
     if args.digit is not None and not 0 <= args.digit <= 9:
         raise CLIError(f"--digit must be 0..9 (got {args.digit})")
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise CLIError(f"--out {args.out} exists and is not empty; choose another folder or pass --overwrite")
+    check_out_folder(args.out, args.overwrite)
 
 
 def is_search(args: argparse.Namespace) -> bool:
@@ -421,13 +427,56 @@ def save_grid(images: list, path: Path) -> None:
     make_image_grid(padded, rows=rows, cols=columns).save(path)
 
 
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that must never be replaced: the working directory or one above it, the filesystem root,
+    the home folder, a file, or a non-empty folder (with --overwrite: one without the `.dts-run` marker)."""
+    fix = "choose an empty or new folder, or delete it yourself"
+    resolved = out.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        where = "the current directory" if resolved == cwd else "a parent of the current directory"
+        raise CLIError(f"--out {out} ({resolved}) is {where}; dts never replaces it: {fix}")
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no home folder can be determined
+        home = None
+    if resolved == Path(resolved.anchor) or resolved == home:
+        raise CLIError(f"--out {out} ({resolved}) is the filesystem root or your home folder; {fix}")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a folder; {fix}")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise CLIError(
+            f"--out {out} exists and is not empty; {fix} (or pass --overwrite if an earlier dts run wrote it)"
+        )
+    if not is_run_folder(out):
+        raise CLIError(
+            f"--out {out} is not empty and was not written by dts (it has no {RUN_MARKER} file), so --overwrite "
+            f"will not replace it; {fix}"
+        )
+
+
+def is_run_folder(folder: Path) -> bool:
+    marker = folder / RUN_MARKER
+    return marker.is_file() and not marker.is_symlink()
+
+
+def write_run_marker(folder: Path, command: str) -> None:
+    text = f"written by `dts {command}` (dts-diffusers); `dts {command} --overwrite` may replace this folder\n"
+    (folder / RUN_MARKER).write_text(text)
+
+
 @contextmanager
-def atomic_folder(out: Path, overwrite: bool):
+def atomic_folder(out: Path, overwrite: bool, command: str = "generate"):
     """Yield a temporary sibling folder; on success it replaces `out` in one rename, on failure it is removed."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
+        write_run_marker(staging, command)
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -436,10 +485,13 @@ def atomic_folder(out: Path, overwrite: bool):
 
 
 def replace_folder(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move `staging` to `out`; an existing `out` is replaced only if check_out_folder still allows it."""
+    try:
+        check_out_folder(out, overwrite)
+    except CLIError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CLIError(f"{error} (nothing was written)") from None
     if out.exists():
-        if any(out.iterdir()) and not overwrite:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise CLIError(f"--out {out} appeared while running; nothing was written over it")
         retired = out.with_name(f".{out.name}.{os.getpid()}.old")
         out.rename(retired)
         staging.rename(out)
@@ -596,9 +648,15 @@ def command_batch(args: argparse.Namespace) -> dict | None:
     out = args.out.resolve()
     staging = out.with_name(f".{out.name}.partial")
     if state.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.exists() or staging.is_symlink():
+            if not (staging.is_dir() and is_run_folder(staging)):
+                raise CLIError(
+                    f"{staging} is in the way of the staging folder and dts did not write it; delete it yourself"
+                )
+            shutil.rmtree(staging)  # left by an interrupted batch
         (staging / "records").mkdir(parents=True)
         (staging / "images").mkdir()
+        write_run_marker(staging, "batch")
     state.wait_for_everyone()
     reward_for(name, args.digit)  # fail early on a bad reward, before loading the model
     pipe = load_pipeline(model, device, dtype)

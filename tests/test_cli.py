@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent
 QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SMALL_RUN = ["--steps", "10", "--nfe-budget", "60", "--num-images", "3", "--device", "cpu"]
 JPEG = ["--reward", "jpeg-compressibility", "--prompt", "a red square"]
+RUN_FILE = "unrelated.txt"
 
 
 def tiny_sd() -> StableDiffusionPipeline:
@@ -167,14 +168,57 @@ def test_model_folder_without_model_index_is_explained(tmp_path, capsys):
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, capsys, model):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     arguments = ["generate", "--out", str(out), "--model", model, "--checkpoints", "1", *JPEG, *SMALL_RUN]
+    assert cli.main(arguments) == 0
+    assert (out / cli.RUN_MARKER).is_file()  # every folder dts writes is marked as its own
+    (out / "image-00.png").write_bytes(b"stale")
     assert cli.main(arguments) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
-    assert cli.main([*arguments, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "record.json").is_file()
+    assert (out / "image-00.png").read_bytes() == b"stale"
+    assert cli.main([*arguments, "--overwrite"]) == 0  # a folder an earlier `dts generate` wrote is replaced
+    assert (out / "image-00.png").read_bytes() != b"stale" and (out / cli.RUN_MARKER).is_file()
+    check_record(out, budget=60, num_images=3)
+
+
+def test_overwrite_refuses_a_folder_dts_did_not_write(tmp_path, capsys, model):
+    out = tmp_path / "mine"
+    (out / "notes").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    (out / "notes" / "a.txt").write_text("also mine")
+    arguments = ["generate", "--out", str(out), "--model", model, "--checkpoints", "1", *JPEG, *SMALL_RUN]
+    assert cli.main([*arguments, "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert str(out) in error and cli.RUN_MARKER in error and "delete it yourself" in error
+    assert (out / "keep.txt").read_text() == "mine" and (out / "notes" / "a.txt").read_text() == "also mine"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mine"]  # no staging folder left either
+
+
+@pytest.mark.parametrize("where", [".", "..", "../.."])
+def test_overwrite_refuses_the_working_directory_and_its_parents(tmp_path, capsys, monkeypatch, where):
+    cwd = tmp_path / "a" / "b" / "work"
+    cwd.mkdir(parents=True)
+    (cwd / RUN_FILE).write_text("unrelated")
+    (cwd / cli.RUN_MARKER).write_text("even a marker does not make the working directory replaceable")
+    monkeypatch.chdir(cwd)
+    assert cli.main(["generate", "--out", where, "--overwrite", "--steps", "10", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "current directory" in error and "delete it yourself" in error
+    assert (cwd / RUN_FILE).read_text() == "unrelated"
+    assert sorted(path.name for path in tmp_path.rglob("*")) == sorted(["a", "b", "work", RUN_FILE, cli.RUN_MARKER])
+
+
+def test_overwrite_refuses_the_filesystem_root_and_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "documents").mkdir(parents=True)
+    (home / cli.RUN_MARKER).write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(cli.CLIError, match=r"home folder; choose an empty or new folder, or delete it yourself"):
+        cli.check_out_folder(home, overwrite=True)
+    with pytest.raises(cli.CLIError, match=r"delete it yourself"):  # the root is also a parent of the cwd
+        cli.check_out_folder(Path(tmp_path.anchor), overwrite=True)
+    assert (home / "documents").is_dir()
 
 
 def test_a_failure_mid_run_leaves_nothing_half_written(tmp_path, monkeypatch, model):
@@ -209,6 +253,7 @@ def test_two_process_batch_matches_one_process(tmp_path, model):
     assert sharded.returncode == 0, sharded.stderr
 
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert all((tmp_path / name / cli.RUN_MARKER).is_file() for name in ("one", "two"))
     assert (one["num_processes"], two["num_processes"]) == (1, 2)
     assert one["records"] == two["records"]
     assert [r["seed"] for r in one["records"]] == [5, 6, 7]

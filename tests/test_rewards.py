@@ -1,6 +1,12 @@
 """Reward contract, registry, wrappers, JPEG and classifier rewards (no model weights needed)."""
 
+import contextlib
 import importlib.util
+import io
+import json
+import pathlib
+import pickle
+import zipfile
 
 import pytest
 import torch
@@ -174,6 +180,109 @@ def test_classifier_reward_is_log_probability_of_target(tmp_path):
     torch.testing.assert_close(load_reward("classifier", classifier=str(path), target=3)(images), expected)
     with pytest.raises(ValueError, match=r"torch.export.save"):
         load_reward("classifier", classifier=__file__, target=3)
+
+
+class WritesAFile:
+    """A pickle payload: unpickling it writes `target` (what an attacker's os.system would do)."""
+
+    def __init__(self, target):
+        self.target = pathlib.Path(target)
+
+    def __reduce__(self):
+        return pathlib.Path.write_text, (self.target, "the payload ran")
+
+
+def export_tiny_classifier(path):
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(TinyClassifier().eval(), (images,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+
+
+def rewrite_archive(source, destination, edit):
+    """Copy a .pt2 zip entry by entry; `edit(entries)` changes the {name-under-root: bytes} mapping."""
+    with zipfile.ZipFile(source) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        entries = {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
+    edit(entries)
+    with zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(f"{root}/{name}", data)
+
+
+def add_config_entry(entries, config_file, fqn, path_name, payload_bytes, directory):
+    config = json.loads(entries[config_file])
+    config["config"][fqn] = {"path_name": path_name, "is_param": False, "use_pickle": True, "tensor_meta": None}
+    entries[config_file] = json.dumps(config).encode()
+    entries[directory + path_name] = payload_bytes
+
+
+def torch_save_bytes(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+PICKLED_ARCHIVES = {
+    # an opaque constant: torch.export.load calls pickle.loads on it
+    "opaque-constant": lambda target: lambda entries: add_config_entry(
+        entries, "data/constants/model_constants_config.json", "evil", "opaque_obj_0",
+        pickle.dumps(WritesAFile(target)), "data/constants/",
+    ),
+    # a weight marked use_pickle: torch.load(weights_only=False)
+    "use-pickle-weight": lambda target: lambda entries: add_config_entry(
+        entries, "data/weights/model_weights_config.json", "evil", "weight_9",
+        torch_save_bytes(WritesAFile(target)), "data/weights/",
+    ),
+    # sample inputs that fail the weights_only load: torch retries them with weights_only=False
+    "sample-inputs": lambda target: lambda entries: entries.update(
+        {"data/sample_inputs/model.pt": torch_save_bytes(((WritesAFile(target),), {}))}
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(PICKLED_ARCHIVES))
+def test_classifier_archive_with_a_pickled_entry_is_refused_before_unpickling(tmp_path, kind):
+    clean, evil, target = tmp_path / "clean.pt2", tmp_path / f"{kind}.pt2", tmp_path / "pwned.txt"
+    export_tiny_classifier(clean)
+    rewrite_archive(clean, evil, PICKLED_ARCHIVES[kind](target))
+
+    # the crafted archive is a real attack on plain torch.export.load: the payload runs
+    with contextlib.suppress(Exception):
+        torch.export.load(str(evil))
+    assert target.read_text() == "the payload ran"
+    target.unlink()
+
+    with pytest.raises(ValueError, match=r"refusing to load the classifier .*" + kind + r".*pt2.*(pickled|not plain)"):
+        load_reward("classifier", classifier=str(evil), target=3)
+    assert not target.exists()
+    with pytest.raises(ValueError, match=r"without pickled constants.*safetensors"):
+        load_reward("classifier", classifier=str(evil), target=3)
+    assert not target.exists()
+    assert load_reward("classifier", classifier=str(clean), target=3)(torch.rand(3, 3, 16, 16)).shape == (3,)
+
+
+def test_classifier_archive_with_code_or_an_evaluated_shape_expression_is_refused(tmp_path):
+    from dts_diffusers.rewards.classifier import is_plain_sympy
+
+    clean = tmp_path / "clean.pt2"
+    export_tiny_classifier(clean)
+    compiled, expression = tmp_path / "compiled.pt2", tmp_path / "expression.pt2"
+    rewrite_archive(clean, compiled, lambda entries: entries.update({"data/aotinductor/model/model.so": b"ELF"}))
+    with pytest.raises(ValueError, match="compiled code"):
+        load_reward("classifier", classifier=str(compiled), target=3)
+
+    def edit(entries):
+        graph = entries["models/model.json"].decode()
+        assert "Symbol(" in graph  # the dynamic batch dimension
+        entries["models/model.json"] = graph.replace("Symbol(", "__import__('os').getcwd() or Symbol(", 1).encode()
+
+    rewrite_archive(clean, expression, edit)
+    with pytest.raises(ValueError, match="shape expression"):
+        load_reward("classifier", classifier=str(expression), target=3)
+    assert is_plain_sympy("Mul(Integer(2), Symbol('s77', positive=True, integer=True)) + 1")
+    assert not is_plain_sympy("Symbol('s0').__class__") and not is_plain_sympy("exec('x')")
 
 
 def test_classifier_reward_errors():
