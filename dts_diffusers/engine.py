@@ -149,7 +149,8 @@ class DTS:
 
     Search mode (DTS*) backs up the max (``search_backup="max"``) and, with ``"nested"``, allocates visits ∝
     exp(search_greed·(z(value) + z(guide))): the best leaf found below each child and the reward of its own x̂_0, each
-    standardised among the siblings, so it is invariant to the reward's scale; with ``"paper"`` it selects by UCT on the soft value (``c_uct``). Draws return the best distinct leaves.
+    standardised among the siblings, so it is invariant to the reward's scale; with ``"paper"`` it selects by UCT on
+    the soft value (``c_uct``). Draws return the best distinct leaves.
 
     ``widening`` is a `Widening`, or ``"default"`` / ``"paper"`` (c = 2, α = 0.8 at every node).
     """
