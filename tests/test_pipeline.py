@@ -278,9 +278,15 @@ def test_continuing_a_tree_equals_one_call_with_the_whole_budget(pipe):
 def test_search_mode_returns_the_best_leaf(pipe):
     reward = RecordingReward()
     out = run(pipe, mode="search", reward=reward, output_type="latent", nfe_budget=40)
-    best_latent, best_reward = out.trees[0].best()
+    tree = out.trees[0]
+    best_latent, best_reward = tree.best()
     torch.testing.assert_close(out.images, best_latent)
-    assert out.rewards[0].item() == pytest.approx(max(reward.scores)) == pytest.approx(best_reward)
+    # the reward also scores every new node's x̂_0 (its guide); the best leaf is the best of the rollouts' x_0 scores
+    leaves = tree.tree.value_np[: tree.tree.size][
+        (tree.tree.level_np[: tree.tree.size] == 0) & tree.tree.done_np[: tree.tree.size]
+    ]
+    assert len(reward.scores) == tree.reward_evals + tree.guide_evals
+    assert out.rewards[0].item() == pytest.approx(leaves.max()) == pytest.approx(best_reward)
 
 
 def test_search_mode_counts_distinct_images_and_warns_when_the_tree_is_short(pipe):
