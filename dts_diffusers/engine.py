@@ -38,7 +38,7 @@ Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
 Transition = Callable[..., torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
-ESTIMATORS = ("nested", "held-out", "paper")
+ESTIMATORS = ("nested", "frontier", "held-out", "paper")
 WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
 
@@ -134,25 +134,34 @@ class Timings:
 class DTS:
     """Grow a denoising tree toward π*(x) ∝ p(x)·exp(λ·r(x)) (``mode="sample"``) or its modes (``mode="search"``).
 
-    ``estimator`` picks how the tree is built and turned into samples:
+    ``estimator`` picks how the tree is built and turned into samples. Under ``"frontier"`` (default) and
+    ``"nested"`` values are log-mean-exp over all children and draws descend ∝ exp(λ·value); the tree's shape depends
+    on node states only (h, the reward of a node's one-step prediction x̂_0, returned with the denoising step: no
+    extra NFE), never on rewards below a node, so values are unbiased nested Monte-Carlo estimates, every leaf can be
+    drawn and draws are consistent for π*. Both need ``transition(..., return_x0=True)``.
 
-    - ``"nested"`` (default): selection descends by a deterministic deficit pick, each child's share of its parent's
-      visits ∝ exp(κ·λ·guide), the reward of the child's one-step prediction x̂_0 (systematic resampling carried out
-      over time); values are log-mean-exp over all children; draws descend ∝ exp(λ·value). The shape depends on
-      states only, so values are unbiased nested Monte-Carlo estimates and draws are consistent for π*. The trust κ
-      rises linearly from ``guide_trust`` when choosing among x_T seeds to 1 at the lowest branch level: at high noise
-      x̂_0 sits between modes and misleads (on the paper's 2D GMM full trust ruins the tree). Needs
-      ``transition(..., return_x0=True)``.
+    - ``"frontier"`` (default): each iteration expands the level (x_T seeds included) with the fewest expansions, at
+      the node of that level furthest below its share of them, shares ∝ m(n) = m(parent)·exp(κ·λ·Δh)/K(parent):
+      SMC's resampling carried out over time, with the tree's reuse (rollouts start at every level).
+    - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
+      ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
+
     - ``"held-out"``: children alternate between *drawing* children (1st, 3rd, …) and *building* children (2nd,
       4th, …); selection is Boltzmann over building values, draws descend over drawing children.
     - ``"paper"``: Algorithm 1 as published: Boltzmann selection and drawing on the log-mean-exp over all children.
 
-    Search mode (DTS*) backs up the max (``search_backup="max"``) and, with ``"nested"``, allocates visits ∝
+    The trust κ rises linearly from ``guide_trust`` when choosing among x_T seeds to 1 at the lowest branch level;
+    its default is 1 for ``"frontier"`` and 0 for ``"nested"`` (on the paper's 2D GMM, x̂_0 at high noise sits between
+    modes and full trust ruins the top-down tree).
+
+    Search mode (DTS*) backs up the max (``search_backup="max"``) and descends from the root; with ``"frontier"`` or
+    ``"nested"`` it allocates visits ∝
     exp(search_greed·(z(value) + z(guide))): the best leaf found below each child and the reward of its own x̂_0, each
     standardised among the siblings, so it is invariant to the reward's scale; with ``"paper"`` it selects by UCT on
     the soft value (``c_uct``). Draws return the best distinct leaves.
 
-    ``widening`` is a `Widening`, or ``"default"`` / ``"paper"`` (c = 2, α = 0.8 at every node).
+    ``widening`` (a `Widening`, or ``"default"`` / ``"paper"``: c = 2, α = 0.8 at every node) limits the children of
+    the top-down rules (every estimator but sampling with ``"frontier"``, whose levels take equal expansion counts).
     """
 
     def __init__(
@@ -165,9 +174,9 @@ class DTS:
         mode: str = "sample",
         branch_levels: Sequence[int] | None = None,
         widening: Widening | str = "default",
-        estimator: str = "nested",
+        estimator: str = "frontier",
         c_uct: float = 1.0,
-        guide_trust: float = 0.0,
+        guide_trust: float | None = None,
         search_greed: float = 4.0,
         search_backup: str = "max",
         batch_size: int = 16,
@@ -212,7 +221,10 @@ class DTS:
         self._alpha = widening.exponents(self.node_levels[:-1])
         # search backs up the max (the best leaf below); sampling the soft value at λ
         self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
-        self._guided = estimator == "nested"
+        self._guided = estimator in ("nested", "frontier")
+        self._frontier = estimator == "frontier" and mode == "sample"  # search descends from the root (below)
+        if guide_trust is None:  # measured best per estimator (README): SMC-like frontier trusts x̂_0, top-down does not
+            guide_trust = 1.0 if estimator == "frontier" else 0.0
         if not 0 <= guide_trust <= 1:
             raise ValueError(f"guide_trust must lie in [0, 1] (got {guide_trust})")
         self.guide_trust = guide_trust
@@ -243,6 +255,7 @@ class DTS:
         self.guide_evals = 0
         self.iterations = 0
         self._nfe_by_level = np.zeros(num_steps + 2, dtype=np.int64)
+        self._expansions_by_level: dict[int, int] = {}
         self.last_draw_distinct: int | None = None
         self.timings = Timings()
         self._best: tuple[int, float] = (-1, -math.inf)
@@ -269,7 +282,11 @@ class DTS:
         while True:
             start = time.perf_counter()
             if not self._queue:
-                self._queue = [self._select() for _ in range(self.batch_size)]
+                if self._frontier:
+                    mass, rows = self._frontier_masses()
+                    self._queue = [self._select_frontier(mass, rows) for _ in range(self.batch_size)]
+                else:
+                    self._queue = [self._select() for _ in range(self.batch_size)]
             affordable, spent = 0, 0
             for item in self._queue:
                 if self.nfe + spent + item.cost > self._nfe_target:
@@ -371,6 +388,56 @@ class DTS:
     # ---------------------------------------------------------------------------------------------------------
     # selection and expansion
     # ---------------------------------------------------------------------------------------------------------
+    def _frontier_masses(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Each finished node's mass m(n) = m(parent)·exp(κ·λ·(h(n) − h(parent))) / K(parent), m(root) = 1: the share of
+        π* an SMC particle at n would carry, with K(parent) children splitting their parent's (one pass per level); and
+        the finished nodes of each level, which a batch's selections share (nodes created in a batch are unfinished)."""
+        tree = self.tree
+        n = tree.size
+        done, levels, parent = tree.done_np[:n], tree.level_np[:n], tree.parent_np[:n]
+        guide = np.nan_to_num(tree.guide_np[:n], nan=0.0)
+        kids = np.maximum(tree.child_count_np[:n], 1)
+        mass = np.zeros(n)
+        mass[ROOT] = 1.0
+        above, by_level = self.num_steps + 1, {}
+        finished = np.flatnonzero(done)
+        finished_levels = levels[finished]
+        for level in self.node_levels[:-1]:
+            rows = finished[finished_levels == level]
+            if rows.size:
+                by_level[level] = rows
+                par = parent[rows]
+                tilt = self.lam * self._trust[above] * (guide[rows] - np.where(par == ROOT, 0.0, guide[par]))
+                mass[rows] = mass[par] * np.exp(tilt - tilt.max()) / kids[par]
+            above = level
+        mass[1:] *= kids[parent[1:]]  # undo the split among siblings: the pick applies it with the current counts
+        return mass, by_level
+
+    def _select_frontier(self, mass: np.ndarray, rows_by_level: dict[int, np.ndarray]) -> _Item:
+        """Expand anywhere in the tree: the level (the root's x_T seeds included) with the fewest expansions so far,
+        then the finished node of that level furthest below its share (∝ mass) of the level's expansions.
+
+        How many children a node gets depends on its own state and on nodes above and beside it, never on its
+        children, so every value stays an unbiased nested estimate; yet a node that reaches a good region multiplies
+        across the whole level, as an SMC particle does, instead of competing only with its siblings."""
+        tree = self.tree
+        open_levels = [self.num_steps + 1, *rows_by_level]
+        counts = self._expansions_by_level
+        level = min(open_levels, key=lambda lv: counts.get(lv, 0))
+        counts[level] = counts.get(level, 0) + 1
+        node = ROOT
+        if level <= self.num_steps:
+            rows = rows_by_level[level]
+            # the parent's share splits among all its children, those in flight included
+            share = mass[rows] / np.maximum(tree.child_count_np[tree.parent_np[rows]], 1)
+            node = int(rows[deficit_pick(share / share.sum(), counts[level], tree.child_count_np[rows])])
+        path = [node]
+        while path[-1] != ROOT:
+            path.append(int(tree.parent_np[path[-1]]))
+        path.reverse()
+        tree.pending_np[path] += 1
+        return self._expand(path)
+
     def _select(self) -> _Item:
         """Descend from the root until a node may widen (or has no finished child yet: all are in flight)."""
         tree = self.tree

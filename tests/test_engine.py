@@ -10,7 +10,7 @@ from scipy import stats
 from dts_diffusers import DTS
 from dts_diffusers.engine import deficit_pick
 from dts_diffusers.noise import randn_rows
-from dts_diffusers.toy import bimodal_1d, gmm_2d
+from dts_diffusers.toy import bimodal_1d, gmm_2d, rare_mode_8d
 from dts_diffusers.tree import Widening, boltzmann, soft_mean
 
 TASK = bimodal_1d()
@@ -26,7 +26,7 @@ def finished_leaf_values(dts):
     return dts.tree.value_np[:n][(dts.tree.level_np[:n] == 0) & dts.tree.done_np[:n]]
 
 
-@pytest.mark.parametrize("estimator", ["nested", "held-out", "paper"])
+@pytest.mark.parametrize("estimator", ["frontier", "nested", "held-out", "paper"])
 def test_lambda_zero_samples_the_base_chain(estimator):
     """One draw from each of many independent trees: iid draws of the procedure's law, tested against the data."""
     task = bimodal_1d(num_steps=10)
@@ -44,14 +44,16 @@ def test_nested_and_held_out_estimators_are_unbiased_where_the_papers_rule_is_no
         return np.mean([(make(seed=s, **kw).run(20_000).sample(3000) > 0).float().mean().item() for s in range(2)])
 
     assert abs(high_mode_mass() - target) < 0.07
+    assert abs(high_mode_mass(estimator="nested") - target) < 0.07
     assert abs(high_mode_mass(estimator="held-out", widening="paper") - target) < 0.07
     assert high_mode_mass(estimator="paper", widening="paper") < target - 0.1  # the bias documented in the README
 
 
 def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
     st = make(seed=0).run(20_000).stats()
-    assert st["nfe_per_leaf"] <= 0.8 * TASK.num_steps
-    narrow = make(seed=0, widening=Widening(1.0, 0.4, 0.2, 0.9)).run(20_000).stats()
+    # the frontier expands every level (x_T seeds included) equally often: (20 + 20 + 16 + 12 + 8 + 4) / 6 NFE a leaf
+    assert st["nfe_per_leaf"] == pytest.approx(80 / 6, rel=0.01)
+    narrow = make(seed=0, estimator="nested", widening=Widening(1.0, 0.4, 0.2, 0.9)).run(20_000).stats()
     assert narrow["nfe_per_leaf"] <= 0.6 * TASK.num_steps
     assert sum(st["nfe_by_level"].values()) == st["nfe"]
     assert st["draw_eligible_leaves"] == st["leaves"]
@@ -61,7 +63,7 @@ def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
     assert held_out["draw_eligible_leaves"] < 0.8 * held_out["leaves"]
 
 
-@pytest.mark.parametrize("estimator", ["nested", "held-out", "paper"])
+@pytest.mark.parametrize("estimator", ["frontier", "nested", "held-out", "paper"])
 def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
     """stats()'s draw ESS equals (Σp)²/Σp² of leaf probabilities multiplied out along every root-to-leaf path."""
     dts = make(seed=6, estimator=estimator, batch_size=4).run(600)
@@ -91,7 +93,7 @@ def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
 @pytest.mark.parametrize("mode", ["sample", "search"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"estimator": "held-out", "widening": "paper"}, {"estimator": "paper", "widening": "paper"},
+    [{}, {"estimator": "nested"}, {"estimator": "held-out", "widening": "paper"}, {"estimator": "paper", "widening": "paper"},
      {"estimator": "paper", "widening": Widening.uniform(1.0, 0.5)}, {"widening": Widening(1.0, 0.2, 0.1, 0.5)}],
 )  # fmt: skip
 def test_any_batch_size_runs_within_budget(mode, options):
@@ -101,6 +103,21 @@ def test_any_batch_size_runs_within_budget(mode, options):
         dts = make(task, seed=batch_size, mode=mode, batch_size=batch_size, **options).run(3000)
         assert dts.nfe <= 3000 and dts.stats()["leaves"] > 0
         assert dts.sample(8).shape == (8, 1)
+
+
+def test_frontier_multiplies_a_good_node_across_its_level():
+    """On the rare-mode chain the frontier puts far more leaves in the rare mode than its prior mass (0.5 %), where a
+    top-down tree, whose nodes compete only with their siblings, stays near it."""
+    task = rare_mode_8d()
+
+    def rare_leaf_share(**kw):
+        dts = make(task, seed=0, **kw).run(20_000)
+        tree = dts.tree
+        leaves = np.flatnonzero((tree.level_np[: tree.size] == 0) & tree.done_np[: tree.size])
+        return task.high_mode(dts._latents(leaves.tolist())).float().mean().item()
+
+    assert rare_leaf_share() > 0.1
+    assert rare_leaf_share(estimator="nested") < 0.05
 
 
 def test_deficit_pick_gives_each_child_its_share_to_within_one_visit():
