@@ -93,8 +93,9 @@ def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
 @pytest.mark.parametrize("mode", ["sample", "search"])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"estimator": "nested"}, {"estimator": "held-out", "widening": "paper"}, {"estimator": "paper", "widening": "paper"},
-     {"estimator": "paper", "widening": Widening.uniform(1.0, 0.5)}, {"widening": Widening(1.0, 0.2, 0.1, 0.5)}],
+    [{}, {"estimator": "nested"}, {"estimator": "held-out", "widening": "paper"},
+     {"estimator": "paper", "widening": "paper"}, {"estimator": "paper", "widening": Widening.uniform(1.0, 0.5)},
+     {"estimator": "nested", "widening": Widening(1.0, 0.2, 0.1, 0.5)}],
 )  # fmt: skip
 def test_any_batch_size_runs_within_budget(mode, options):
     """Large batches put every child of a node in flight at once: selection then expands instead of picking."""
