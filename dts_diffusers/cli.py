@@ -266,12 +266,6 @@ def check_run_arguments(args: argparse.Namespace) -> None:
     check_out_folder(args.out, args.overwrite)
 
 
-def is_search(args: argparse.Namespace) -> bool:
-    from dts_diffusers.methods import TREE_PRESETS
-
-    return args.mode == "search" or TREE_PRESETS.get(args.method, {}).get("mode") == "search"
-
-
 def run_settings(args: argparse.Namespace) -> dict:
     """Steps, guidance and budget with defaults sized so the bundled model finishes in seconds on a CPU.
 
@@ -279,7 +273,9 @@ def run_settings(args: argparse.Namespace) -> dict:
     at least 4 times as many leaves (every rollout ends in a new leaf)."""
     steps = args.steps or (20 if is_bundled(args) else 50)
     guidance = args.guidance_scale if args.guidance_scale is not None else (2.0 if is_bundled(args) else 7.5)
-    rollouts = max(16, 4 * args.num_images) if is_search(args) else 16
+    from dts_diffusers.methods import searches
+
+    rollouts = max(16, 4 * args.num_images) if searches(args.method, args.mode) else 16
     budget = args.nfe_budget or rollouts * steps
     if budget < steps:
         raise CLIError(f"--nfe-budget {budget} is below one rollout of --steps {steps}; give at least {steps}")

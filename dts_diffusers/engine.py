@@ -218,6 +218,7 @@ class DTS:
         self.lam = check_lambda(lam)
         self.mode, self.estimator = mode, estimator
         self.node_levels = sorted({num_steps, *levels, 0}, reverse=True)
+        self._node_level_set = set(self.node_levels)
         self.widening, self.c_uct, self.search_greed, self.search_backup = widening, c_uct, search_greed, search_backup
         self._alpha = widening.exponents(self.node_levels[:-1])
         # search backs up the max (the best leaf below); sampling the soft value at λ
@@ -284,8 +285,8 @@ class DTS:
             start = time.perf_counter()
             if not self._queue:
                 if self._frontier:
-                    mass, rows = self._frontier_masses()
-                    self._queue = [self._select_frontier(mass, rows) for _ in range(self.batch_size)]
+                    unsplit, rows = self._frontier_masses()
+                    self._queue = [self._select_frontier(unsplit, rows) for _ in range(self.batch_size)]
                 else:
                     self._queue = [self._select() for _ in range(self.batch_size)]
             affordable, spent = 0, 0
@@ -363,14 +364,12 @@ class DTS:
         tree = self.tree
         n = tree.size
         ids = np.arange(n)
-        eligible = tree.done_np[:n].copy()
-        values = tree.value_np[:n]
-        if self.estimator == "held-out":
-            eligible &= tree.is_draw_child_np[:n] & tree.draw_complete_np[:n]
-            values = tree.draw_value_np[:n]
-        eligible[ROOT] = False
+        drawable, drawable_values = self._drawable(ids[1:])  # every node but the root
+        eligible = np.zeros(n, dtype=bool)
+        eligible[drawable] = True
+        values = np.full(n, -np.inf)
+        values[drawable] = drawable_values
         parent = np.where(eligible, tree.parent_np[:n], 0)
-        values = np.where(eligible, values, -np.inf)
         top = np.full(n, -np.inf)
         np.maximum.at(top, parent[eligible], values[eligible])
         with np.errstate(invalid="ignore"):
@@ -391,14 +390,17 @@ class DTS:
     # ---------------------------------------------------------------------------------------------------------
     def _frontier_masses(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """Each finished node's mass m(n) = m(parent)·exp(κ·λ·(h(n) − h(parent))) / K(parent), m(root) = 1: the share of
-        π* an SMC particle at n would carry, with K(parent) children splitting their parent's (one pass per level); and
-        the finished nodes of each level, which a batch's selections share (nodes created in a batch are unfinished)."""
+        π* an SMC particle at n would carry, with K(parent) children splitting their parent's (one pass per level).
+
+        Returns m(n)·K(parent), the mass before that split, which the pick divides by the parent's current child count
+        (children selected earlier in the batch included); and the finished nodes of each level, which a batch's
+        selections share (nodes created in a batch are unfinished)."""
         tree = self.tree
         n = tree.size
         done, levels, parent = tree.done_np[:n], tree.level_np[:n], tree.parent_np[:n]
         guide = np.nan_to_num(tree.guide_np[:n], nan=0.0)
         kids = np.maximum(tree.child_count_np[:n], 1)
-        mass = np.zeros(n)
+        mass, unsplit = np.zeros(n), np.zeros(n)
         mass[ROOT] = 1.0
         above, by_level = self.num_steps + 1, {}
         finished = np.flatnonzero(done)
@@ -409,12 +411,12 @@ class DTS:
                 by_level[level] = rows
                 par = parent[rows]
                 tilt = self.lam * self._trust[above] * (guide[rows] - np.where(par == ROOT, 0.0, guide[par]))
-                mass[rows] = mass[par] * np.exp(tilt - tilt.max()) / kids[par]
+                unsplit[rows] = mass[par] * np.exp(tilt - tilt.max())
+                mass[rows] = unsplit[rows] / kids[par]
             above = level
-        mass[1:] *= kids[parent[1:]]  # undo the split among siblings: the pick applies it with the current counts
-        return mass, by_level
+        return unsplit, by_level
 
-    def _select_frontier(self, mass: np.ndarray, rows_by_level: dict[int, np.ndarray]) -> _Item:
+    def _select_frontier(self, unsplit: np.ndarray, rows_by_level: dict[int, np.ndarray]) -> _Item:
         """Expand anywhere in the tree: the level (the root's x_T seeds included) with the fewest expansions so far,
         then the finished node of that level furthest below its share (∝ mass) of the level's expansions.
 
@@ -430,7 +432,7 @@ class DTS:
         if level <= self.num_steps:
             rows = rows_by_level[level]
             # the parent's share splits among all its children, those in flight included
-            share = mass[rows] / np.maximum(tree.child_count_np[tree.parent_np[rows]], 1)
+            share = unsplit[rows] / np.maximum(tree.child_count_np[tree.parent_np[rows]], 1)
             node = int(rows[deficit_pick(share / share.sum(), counts[level], tree.child_count_np[rows])])
         path = [node]
         while path[-1] != ROOT:
@@ -578,13 +580,11 @@ class DTS:
             if not active:
                 continue
             index = torch.as_tensor(active, device=x.device)
-            # rows at a node level sit on a node; those without a guide yet get one from this step's prediction
-            at = [items[i].new_nodes[cursor[i] - 1] if cursor[i] > 0 else items[i].path[-1] for i in active]
-            need = [
-                k
-                for k, node in enumerate(at)
-                if self._guided and tree.level_np[node] == current and math.isnan(tree.guide_np[node])
-            ]
+            need: list[int] = []
+            if self._guided and current in self._node_level_set:
+                # rows at a node level sit on a node; those without a guide yet get one from this step's prediction
+                at = [items[i].new_nodes[cursor[i] - 1] if cursor[i] > 0 else items[i].path[-1] for i in active]
+                need = [k for k, node in enumerate(at) if math.isnan(tree.guide_np[node])]
             t0 = time.perf_counter()
             out = call_transition(self.transition, x[index], current, [gens[i] for i in active], return_x0=bool(need))
             self.timings.transition += time.perf_counter() - t0
@@ -652,6 +652,15 @@ class DTS:
     # ---------------------------------------------------------------------------------------------------------
     # drawing from the finished tree
     # ---------------------------------------------------------------------------------------------------------
+    def _drawable(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The draw rule: which of `nodes` a descent may enter, and the values it weighs them by (exp(λ·value))."""
+        tree = self.tree
+        nodes = nodes[tree.done_np[nodes]]
+        if self.estimator == "held-out":
+            nodes = nodes[tree.is_draw_child_np[nodes] & tree.draw_complete_np[nodes]]
+            return nodes, tree.draw_value_np[nodes]
+        return nodes, tree.value_np[nodes]
+
     def _draw_leaves(self, n: int, rng: np.random.Generator) -> list[int]:
         """`n` leaves by Boltzmann descent, stratified: a node holding m draws hands them to its children by systematic
         resampling, so a child of probability p gets ⌊m·p⌋ or ⌈m·p⌉ of them. Each draw keeps the law of a single
@@ -664,13 +673,7 @@ class DTS:
             if tree.level_np[node] == 0:
                 leaves += [node] * count
                 continue
-            kids = tree.children(node)
-            kids = kids[tree.done_np[kids]]
-            if self.estimator == "held-out":
-                kids = kids[tree.is_draw_child_np[kids] & tree.draw_complete_np[kids]]
-                values = tree.draw_value_np[kids]
-            else:
-                values = tree.value_np[kids]
+            kids, values = self._drawable(tree.children(node))
             shares = np.bincount(systematic(boltzmann(values, self.lam), count, rng), minlength=kids.size)
             frontier += [(int(kid), int(share)) for kid, share in zip(kids, shares, strict=True) if share]
         rng.shuffle(leaves)  # the order carries no information

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .engine import WIDENINGS, default_branch_levels
-from .methods import METHODS, TREE_PRESETS, build_sampler
+from .methods import METHODS, TREE_PRESETS, build_sampler, searches
 from .noise import randn_rows
 from .tree import Widening
 
@@ -182,9 +182,8 @@ def method_label(method: str, mode: str) -> str:
     """How a run is named in progress bars and summaries: "dts*" for the tree in search mode, "dts*-paper" for the
     paper's preset in search mode, "smc search", …"""
     if method in TREE_PRESETS:
-        search = mode == "search" or TREE_PRESETS[method].get("mode") == "search"
         preset = method.removeprefix("dts").removeprefix("*")  # "" or "-paper"
-        return f"dts{'*' if search else ''}{preset}"
+        return f"dts{'*' if searches(method, mode) else ''}{preset}"
     return f"{method} search" if mode == "search" else method
 
 

@@ -29,6 +29,11 @@ TREE_PRESETS: dict[str, dict] = {
 METHODS = (*TREE_PRESETS, *PARTICLE_PRESETS, "dfs")
 
 
+def searches(method: str, mode: str) -> bool:
+    """Whether `method` run with `mode` is a search: mode="search", or a tree preset that always is ("dts*")."""
+    return mode == "search" or TREE_PRESETS.get(method, {}).get("mode") == "search"
+
+
 def sampler_class(method: str) -> type:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -55,8 +60,8 @@ def build_sampler(method: str, prior: Callable, transition: Callable, reward: Ca
     every method.
     """
     cls = sampler_class(method)
-    if method in TREE_PRESETS:
-        options = {**options, **{k: v for k, v in TREE_PRESETS[method].items() if k == "mode"}}
+    if "mode" in TREE_PRESETS.get(method, {}):
+        options = {**options, "mode": TREE_PRESETS[method]["mode"]}  # "dts*" searches whatever mode= says
     if "branch_levels" in options and cls is not DTS and "eval_levels" not in PARTICLE_PRESETS.get(method, {}):
         options.setdefault("eval_levels", options["branch_levels"])  # best-of-N never evaluates
     merged = {**PARTICLE_PRESETS.get(method, {}), **TREE_PRESETS.get(method, {}), **options}
