@@ -83,7 +83,8 @@ ENGINE_NODES = (10_000, 100_000, 1_000_000)
 FIXED_TARGETS = {"w1": (0.3, 0.15, 0.1), "mmd": (0.3, 0.15, 0.1)}  # distances every sampler is asked to reach
 ANYTIME = {"dts", "dts*", "dts-paper", "dts*-paper", "best-of-n"}  # a later run(b) continues the same sampler exactly
 TOP = 100  # search: mean reward of the best TOP samples returned
-DIAGNOSTICS = ("nfe_per_leaf", "draw_ess", "draw_distinct_leaves")
+# recorded name -> the tree's stats() key
+DIAGNOSTICS = {"nfe_per_leaf": "nfe_per_leaf", "draw_ess": "draw_ess", "draw_distinct_leaves": "last_draw_distinct"}
 PALETTE = (
     "tab:blue",
     "tab:orange",
@@ -130,9 +131,7 @@ def distances(task: ToyTask, drawn: torch.Tensor, reference: torch.Tensor) -> di
 def diagnostics(sampler, drawn: torch.Tensor) -> dict:
     """Distinct rows of the draw (any method) and the tree's reuse / draw-rule diagnostics (None where absent)."""
     stats = sampler.stats()
-    out = {key: stats.get(key) for key in DIAGNOSTICS}
-    if out["draw_distinct_leaves"] is None:
-        out["draw_distinct_leaves"] = stats.get("last_draw_distinct")
+    out = {name: stats.get(key) for name, key in DIAGNOSTICS.items()}
     out["distinct_draws"] = len(torch.unique(drawn.reshape(len(drawn), -1), dim=0))
     return out
 
