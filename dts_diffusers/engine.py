@@ -305,8 +305,8 @@ class DTS:
     def sample(self, n: int, return_rewards: bool = False):
         """`n` terminal states drawn from the tree with no model call (latent replays aside).
 
-        Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (the best are
-        then repeated); `last_draw_distinct` (also in `stats()`) counts the distinct leaves of the last draw."""
+        Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (all its leaves
+        are then repeated in rank order); `last_draw_distinct` (also in `stats()`) counts the distinct leaves of the last draw."""
         if self.iterations == 0:
             raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
         if self.mode == "search":
@@ -696,11 +696,11 @@ class DTS:
                 heapq.heappush(frontier, (-float(tree.value_np[kid]), kid))
         if len(leaves) < n:
             warnings.warn(
-                f"search asked for {n} samples but the tree has only {len(leaves)} leaves; the best are repeated to "
-                f"fill the request. Give a larger budget (about {n * self.num_steps} NFE or more) for {n} distinct "
-                "samples",
+                f"search asked for {n} samples but the tree has only {len(leaves)} leaves; every leaf is returned, "
+                f"repeated in rank order to fill the request. Give a larger budget (about {n * self.num_steps} NFE or "
+                f"more) for {n} distinct samples",
                 stacklevel=3,
             )
-        while len(leaves) < n:
-            leaves.append(leaves[len(leaves) % max(len(leaves), 1)])
-        return leaves
+        # round-robin, not the best one n - k times: the returned set stays representative of the tree, so its mean
+        # reward is the leaves' own and can only rise as later budgets add better leaves
+        return [leaves[i % len(leaves)] for i in range(n)]

@@ -212,8 +212,12 @@ def test_search_returns_distinct_leaves_and_warns_when_the_tree_has_too_few():
     small = make(seed=2, mode="search", batch_size=2).run(2 * TASK.num_steps)
     leaves = small.stats()["leaves"]
     with pytest.warns(UserWarning, match=f"only {leaves} leaves"):
-        assert small.sample(leaves + 3).shape == (leaves + 3, 1)
+        padded, padded_rewards = small.sample(2 * leaves + 1, return_rewards=True)
+    assert padded.shape == (2 * leaves + 1, 1)
     assert small.stats()["last_draw_distinct"] == leaves
+    # every leaf comes back in rank order, then again: not the best one repeated, so the mean stays the tree's own
+    ranked = np.sort(finished_leaf_values(small))[::-1]
+    np.testing.assert_allclose(padded_rewards.numpy(), np.concatenate([ranked, ranked, ranked[:1]]), rtol=1e-6)
 
 
 def test_infinite_lambda_backs_up_the_max():
