@@ -11,6 +11,7 @@ the sampler's `method` input.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -19,7 +20,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "dts-tiny-sd15.safetensors"
 WORKFLOW = json.loads((ROOT / "workflows" / "tiny_cpu_dts_api.json").read_text())
 SAMPLER_NODE = "6"
+_spec = importlib.util.spec_from_file_location("comfyui_api", ROOT / "examples" / "comfyui_api.py")
+comfyui_api = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(comfyui_api)
+request = comfyui_api.request
 
 BUILD_CHECKPOINT = """
 import json, sys
@@ -75,16 +79,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def request(url: str, payload: dict | None = None) -> tuple[int, dict]:
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 @pytest.fixture(scope="module")
 def comfyui(tmp_path_factory):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -122,16 +116,8 @@ def comfyui(tmp_path_factory):
 
 
 def run(comfyui, workflow: dict, timeout: float = 400) -> dict:
-    status, answer = request(f"{comfyui['url']}/prompt", {"prompt": workflow})
-    assert status == 200, answer
-    prompt_id = answer["prompt_id"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        _, history = request(f"{comfyui['url']}/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id]["status"].get("status_str") in ("success", "error"):
-            return history[prompt_id]
-        time.sleep(1)
-    raise AssertionError(f"workflow did not finish within {timeout} s")
+    """Queue and wait with the functions of examples/comfyui_api.py, so the example runs against a real ComfyUI."""
+    return comfyui_api.wait(comfyui["url"], comfyui_api.queue(comfyui["url"], workflow), timeout)
 
 
 def with_inputs(node: str, **inputs) -> dict:
@@ -167,6 +153,16 @@ def test_tiny_workflow_saves_images_and_reports_rewards(comfyui):
     assert len(rewards) == 2 and all(math.isfinite(r) for r in rewards)
     summary = entry["outputs"][SAMPLER_NODE]["text"][0]
     assert summary.startswith("DTS: rewards [") and "NFE 16/16" in summary
+
+
+def test_the_example_script_queues_a_workflow_with_its_overrides(comfyui):
+    workflow = comfyui_api.load_workflow(
+        ROOT / "workflows" / "tiny_cpu_dts_api.json", prompt="a blue circle", lam=2.0, nfe_budget=8, num_outputs=1
+    )
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(entry["outputs"]["8"]["images"]) == 1
+    assert "NFE 8/8" in entry["outputs"][SAMPLER_NODE]["text"][0]
 
 
 def test_the_method_input_runs_a_particle_baseline_under_the_same_budget(comfyui):
