@@ -1,6 +1,6 @@
 """Any callable is a reward: (images [B, 3, H, W] in [0, 1], prompts) -> Tensor[B]. Here: steer toward dark images.
 
-    python examples/custom_reward.py
+python examples/custom_reward.py
 """
 
 import torch
