@@ -1,7 +1,10 @@
 """Model-backed rewards on tiny random weights saved to disk, loaded through the same code as the hub path."""
 
+import ast
 import importlib.util
 import json
+import pathlib
+import shutil
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from transformers import BertTokenizer, CLIPConfig, CLIPModel, CLIPTokenizer
 from dts_diffusers.rewards import load_reward
 from dts_diffusers.rewards.clip import AESTHETIC_FILE
 from dts_diffusers.rewards.heads import preference_mlp
+from dts_diffusers.rewards.hub import WeightsFileError
 from dts_diffusers.rewards.image_reward import (
     KEY_PREFIXES,
     MED_CONFIG_FILE,
@@ -332,3 +336,147 @@ def test_hpsv2_matches_the_reference_preprocessing_and_score(weights, height, wi
         expected = reference_hpsv2_scores(model.eval(), open_clip.get_tokenizer(TINY_OPEN_CLIP), images, PROMPTS[:3])
     scores = build("hpsv2", weights)(images / 255.0, PROMPTS[:3])
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+class WritesAFileWhenUnpickled:
+    """A pickle payload: unpickling it creates `path`, which is how a test sees that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def pickle_payload(path):
+    torch.save({"0.weight": torch.zeros(2, 2), "payload": WritesAFileWhenUnpickled(path.parent / "code-ran")}, path)
+
+
+CORRUPTIONS = {
+    "truncated": truncate,
+    "garbage": lambda path: path.write_bytes(b"this is not a weight file " * 8),
+    "pickled code": pickle_payload,
+    "not a state dict": lambda path: torch.save([torch.zeros(2)], path),
+}
+DAMAGED_FILES = [  # (reward, file under its directory, official repository named in the error)
+    ("image-reward", "image-reward/ImageReward.pt", "THUDM/ImageReward"),
+    ("aesthetic", f"aesthetic/{AESTHETIC_FILE}", "camenduru/improved-aesthetic-predictor"),
+    pytest.param("hpsv2", "hpsv2/HPS_v2.1_compressed.pt", "xswu/HPSv2", marks=needs_open_clip),
+]
+
+
+def copy_weights(weights, tmp_path):
+    root = tmp_path / "weights"
+    shutil.copytree(weights, root)
+    return root
+
+
+def assert_names_the_file_and_a_good_source(error, path, repo):
+    message = str(error.value)
+    assert isinstance(error.value, OSError) and isinstance(error.value, ValueError)
+    assert str(path) in message and f"https://huggingface.co/{repo}" in message and "hf download" in message
+    assert "weights_only" not in message  # never advise weights_only=False, which would run code from the file
+    cause = error.value.__cause__ or (None if error.value.__suppress_context__ else error.value.__context__)
+    assert cause is None  # nor pass torch's error, which advises it, on as the cause
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize(("name", "file", "repo"), DAMAGED_FILES)
+def test_damaged_torch_weights_name_the_file_and_never_run_code(weights, tmp_path, name, file, repo, corruption):
+    root = copy_weights(weights, tmp_path)
+    CORRUPTIONS[corruption](root / file)
+    with pytest.raises(WeightsFileError) as error:
+        build(name, root)
+    assert_names_the_file_and_a_good_source(error, root / file, repo)
+    expected = {
+        "truncated": "truncated or not a PyTorch checkpoint",
+        "garbage": "truncated or not a PyTorch checkpoint",
+        "pickled code": "pickled objects other than tensors",
+        "not a state dict": "holds a list, not a state dict",
+    }[corruption]
+    assert expected in str(error.value)
+    assert not (root / file).with_name("code-ran").exists()
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "garbage"])
+def test_damaged_safetensors_name_the_file(weights, tmp_path, corruption):
+    root = copy_weights(weights, tmp_path)
+    converted = root / "converted"
+    converted.mkdir()
+    convert_to_safetensors(root / "image-reward" / "ImageReward.pt", converted / "ImageReward.safetensors")
+    shutil.copy(root / "image-reward" / MED_CONFIG_FILE, converted / MED_CONFIG_FILE)
+    CORRUPTIONS[corruption](converted / "ImageReward.safetensors")
+    CORRUPTIONS[corruption](root / "clip" / "model.safetensors")
+    with pytest.raises(WeightsFileError, match="truncated or not a safetensors file") as error:
+        load_reward(
+            "image-reward", pretrained_model_name_or_path=converted, tokenizer_name_or_path=root / "image-reward"
+        )
+    assert_names_the_file_and_a_good_source(error, converted / "ImageReward.safetensors", "THUDM/ImageReward")
+    with pytest.raises(WeightsFileError, match="truncated or not a safetensors file") as error:
+        build("clip", root)
+    assert_names_the_file_and_a_good_source(error, root / "clip" / "model.safetensors", "openai/clip-vit-large-patch14")
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"hidden_size": 32,', "not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('{"hidden_size": 32}', "intermediate_size, num_attention_heads"),
+        ("\udcff", "not valid JSON"),
+    ],
+)
+def test_damaged_med_config_names_the_file(weights, tmp_path, content, problem):
+    root = copy_weights(weights, tmp_path)
+    config = root / "image-reward" / MED_CONFIG_FILE
+    config.write_bytes(content.encode("utf-8", "surrogateescape"))
+    with pytest.raises(WeightsFileError, match=problem) as error:
+        build("image-reward", root)
+    assert_names_the_file_and_a_good_source(error, config, "THUDM/ImageReward")
+    assert "med_config=" in str(error.value)
+
+
+def test_damaged_preprocessor_config_names_the_file(weights, tmp_path):
+    root = copy_weights(weights, tmp_path)
+    config = root / "clip" / "preprocessor_config.json"
+    config.write_text('{"size": {"width": 32}, "crop_size": 32}')
+    with pytest.raises(WeightsFileError, match="size / crop_size must be pixel counts") as error:
+        build("clip", root)
+    assert_names_the_file_and_a_good_source(error, config, "openai/clip-vit-large-patch14")
+    config.write_text("{")
+    with pytest.raises(WeightsFileError, match="not valid JSON"):
+        build("clip", root)
+
+
+def test_weights_that_do_not_fit_the_model_name_the_file(weights, tmp_path):
+    root = copy_weights(weights, tmp_path)
+    head = root / "aesthetic" / AESTHETIC_FILE
+    torch.save({"layers.0.weight": torch.zeros(1024, 16)}, head)
+    with pytest.raises(WeightsFileError, match=r"not the aesthetic MLP's.*Missing key") as error:
+        build("aesthetic", root)
+    assert_names_the_file_and_a_good_source(error, head, "camenduru/improved-aesthetic-predictor")
+    checkpoint = root / "image-reward" / "ImageReward.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({k: v for k, v in state.items() if "patch_embed" not in k}, checkpoint)
+    with pytest.raises(WeightsFileError, match="do not fit ImageReward") as error:
+        build("image-reward", root)
+    assert_names_the_file_and_a_good_source(error, checkpoint, "THUDM/ImageReward")
+
+
+def test_every_reward_loader_reads_weights_without_running_code():
+    """Audit: every torch.load call under dts_diffusers/rewards passes weights_only=True, and only two files load."""
+    calls = []
+    for path in pathlib.Path(load_reward.__code__.co_filename).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.load", "torch.export.load"):
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                calls.append((path.name, ast.unparse(node.func), keywords.get("weights_only")))
+    assert ("hub.py", "torch.load", "True") in calls and ("classifier.py", "torch.export.load", None) in calls
+    # every other weight file goes through hub.read_state_dict; classifier.py checks a .pt2 before torch.export.load
+    assert all(weights_only == "True" for _, function, weights_only in calls if function == "torch.load"), calls
+    assert {name for name, _, _ in calls} == {"hub.py", "classifier.py"}, calls

@@ -6,7 +6,6 @@ device with the resize / crop / mean / std read from the processor's `preprocess
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer, CLIPModel
 
 from .base import Reward
 from .heads import preference_mlp
-from .hub import load_pretrained, resolve_file
+from .hub import bad_file_error, load_pretrained, read_json_config, read_state_dict, resolve_file, short_cause
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -25,22 +24,29 @@ AESTHETIC_REPO = "camenduru/improved-aesthetic-predictor"
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 
 
-def _read_image_processing(processor_dir: str, *, argument: str, reward: str, local_files_only: bool) -> dict:
+def _read_image_processing(
+    processor_dir: str, *, argument: str, reward: str, repo_id: str, local_files_only: bool
+) -> dict:
     """Resize size, crop size, mean and std from a CLIP `preprocessor_config.json` (old int or new dict layouts)."""
-    path = resolve_file(
-        processor_dir, "preprocessor_config.json", argument=argument, reward=reward, local_files_only=local_files_only
-    )
-    with open(path) as handle:
-        config = json.load(handle)
+    filename = "preprocessor_config.json"
+    path = resolve_file(processor_dir, filename, argument=argument, reward=reward, local_files_only=local_files_only)
+    source = {"reward": reward, "repo_id": repo_id, "filename": filename, "argument": argument}
+    config = read_json_config(path, **source)
     size, crop = config.get("size", 224), config.get("crop_size", 224)
     size = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
     crop = crop.get("height") if isinstance(crop, dict) else crop
-    return {
-        "size": int(size),
-        "crop": int(crop),
-        "mean": tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-        "std": tuple(config.get("image_std", OPENAI_CLIP_STD)),
-    }
+    mean, std = config.get("image_mean", OPENAI_CLIP_MEAN), config.get("image_std", OPENAI_CLIP_STD)
+    numbers = (int, float)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (size, crop)) or not all(
+        isinstance(v, list | tuple) and len(v) == 3 and all(isinstance(x, numbers) for x in v) for v in (mean, std)
+    ):
+        raise bad_file_error(
+            path,
+            f"its size / crop_size must be pixel counts and image_mean / image_std three numbers each (got size="
+            f"{size!r}, crop_size={crop!r}, image_mean={mean!r}, image_std={std!r})",
+            **source,
+        )
+    return {"size": size, "crop": crop, "mean": tuple(mean), "std": tuple(std)}
 
 
 def _load_clip(
@@ -51,17 +57,24 @@ def _load_clip(
     device,
     dtype,
     local_files_only: bool,
+    model_repo: str,
+    processor_repo: str,
     model_argument: str = "pretrained_model_name_or_path",
     processor_argument: str = "pretrained_model_name_or_path",
 ):
+    """`model_repo` / `processor_repo`: where good copies come from, named in the errors for damaged files."""
     common = {"reward": reward, "local_files_only": local_files_only}
     model = load_pretrained(
-        CLIPModel.from_pretrained, model_path, filename="model.safetensors", argument=model_argument, **common
-    )
+        CLIPModel.from_pretrained, model_path, filename="model.safetensors", argument=model_argument,
+        repo_id=model_repo, **common,
+    )  # fmt: skip
     tokenizer = load_pretrained(
-        AutoTokenizer.from_pretrained, processor_path, filename="tokenizer.json", argument=processor_argument, **common
+        AutoTokenizer.from_pretrained, processor_path, filename="tokenizer.json", argument=processor_argument,
+        repo_id=processor_repo, **common,
+    )  # fmt: skip
+    processing = _read_image_processing(
+        os.fspath(processor_path), argument=processor_argument, repo_id=processor_repo, **common
     )
-    processing = _read_image_processing(os.fspath(processor_path), argument=processor_argument, **common)
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     return model, tokenizer, processing
 
@@ -121,10 +134,19 @@ class AestheticScore(ClipEmbeddingReward):
 
 def load_aesthetic_head(path: str) -> nn.Sequential:
     """Load `sac+logos+ava1-l14-linearMSE.pth` (keys `layers.N.*`, or `N.*` when saved from a bare Sequential)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    source = {"reward": "aesthetic", "repo_id": AESTHETIC_REPO, "filename": AESTHETIC_FILE}
+    state = read_state_dict(path, argument="pretrained_model_name_or_path", **source)
     state = {key.removeprefix("layers."): value for key, value in state.items()}
-    head = preference_mlp(state["0.weight"].shape[1])
-    head.load_state_dict(state, strict=True)
+    first = state.get("0.weight")
+    if first is None or first.ndim != 2:
+        problem = "it has no 2-d first-layer weight (layers.0.weight); it is not the aesthetic MLP"
+        raise bad_file_error(path, problem, argument="pretrained_model_name_or_path", **source)
+    head = preference_mlp(first.shape[1])
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # missing, unexpected or misshapen keys
+        problem = f"its tensors are not the aesthetic MLP's ({short_cause(error)})"
+        raise bad_file_error(path, problem, argument="pretrained_model_name_or_path", **source) from None
     return head.eval().requires_grad_(False)
 
 
@@ -142,6 +164,8 @@ def load_clip_score(
         device=device,
         dtype=dtype,
         local_files_only=local_files_only,
+        model_repo=CLIP_L14,
+        processor_repo=CLIP_L14,
     )
     return ClipScore(model, tokenizer, processing, name="clip")
 
@@ -161,6 +185,8 @@ def load_pickscore(
         device=device,
         dtype=dtype,
         local_files_only=local_files_only,
+        model_repo=PICKSCORE,
+        processor_repo=PICKSCORE_PROCESSOR,
         processor_argument="processor_name_or_path",
     )
     return ClipScore(model, tokenizer, processing, name="pickscore")
@@ -188,6 +214,8 @@ def load_aesthetic(
         device=device,
         dtype=dtype,
         local_files_only=local_files_only,
+        model_repo=CLIP_L14,
+        processor_repo=CLIP_L14,
         model_argument="clip_model_name_or_path",
         processor_argument="clip_model_name_or_path",
     )

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Reward
-from .hub import resolve_file
+from .hub import bad_file_error, read_state_dict, resolve_file, short_cause
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 
 HPSV2_REPO = "xswu/HPSv2"
@@ -98,8 +98,18 @@ def load_hpsv2(
         reward="hpsv2",
         local_files_only=local_files_only,
     )
+    source = {
+        "reward": "hpsv2",
+        "repo_id": HPSV2_REPO,
+        "filename": HPSV2_FILE,
+        "argument": "pretrained_model_name_or_path",
+    }
+    state = read_state_dict(path, unwrap="state_dict", **source)
     model = open_clip.create_model(model_name, pretrained=None)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # missing, unexpected or misshapen keys
+        problem = f"its tensors are not an open_clip {model_name} ({short_cause(error)})"
+        raise bad_file_error(path, problem, **source) from None
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     return hpsv2_from_open_clip(model, model_name)

@@ -10,7 +10,6 @@ over or missing. `scripts/check_image_reward_equivalence.py` checks it against t
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from .base import Reward
 from .heads import preference_mlp
-from .hub import load_pretrained, resolve_file
+from .hub import bad_file_error, load_pretrained, read_json_config, read_state_dict, resolve_file, short_cause
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
@@ -270,12 +269,22 @@ def build_image_reward_model(state_dict: dict[str, torch.Tensor], med_config: di
     return model
 
 
-def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+MED_CONFIG_INTS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings",
+    "vocab_size",
+)  # fmt: skip
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+
+def image_reward_source(filename: str, argument: str = "pretrained_model_name_or_path") -> dict:
+    """Where a good copy of an ImageReward file comes from, for the errors on damaged files."""
+    return {"reward": "image-reward", "repo_id": IMAGE_REWARD_REPO, "filename": filename, "argument": argument}
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, from safetensors or `torch.load(weights_only=True)`; never runs code from the file."""
+    return read_state_dict(
+        path, **image_reward_source(CHECKPOINT_FILE)
+    )  # a converted .safetensors is remade from a good .pt
 
 
 def convert_to_safetensors(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike) -> str:
@@ -336,6 +345,7 @@ def load_bert_tokenizer(path: str | os.PathLike, local_files_only: bool):
         filename="vocab.txt",
         argument="tokenizer_name_or_path",
         reward="image-reward",
+        repo_id=TOKENIZER_REPO,
         local_files_only=local_files_only,
     )
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
@@ -366,8 +376,17 @@ def load_image_reward(
     if med_config is None:
         sibling = os.path.join(os.path.dirname(checkpoint), MED_CONFIG_FILE)
         med_config = sibling if os.path.isfile(sibling) else resolve_file(path, MED_CONFIG_FILE, **common)
-    with open(med_config) as handle:
-        config = json.load(handle)
-    model = build_image_reward_model(read_checkpoint(checkpoint), config)
+    config = read_json_config(
+        med_config,
+        positive_ints=MED_CONFIG_INTS,
+        positive_numbers=("layer_norm_eps",),
+        **image_reward_source(MED_CONFIG_FILE, "med_config"),
+    )
+    state_dict = read_checkpoint(checkpoint)
+    try:
+        model = build_image_reward_model(state_dict, config)
+    except (KeyError, IndexError, ValueError, RuntimeError) as error:  # keys absent, unknown, or misshapen tensors
+        problem = f"its tensors do not fit ImageReward with this med_config.json ({short_cause(error)})"
+        raise bad_file_error(checkpoint, problem, **image_reward_source(CHECKPOINT_FILE)) from None
     model = model.eval().requires_grad_(False).to(device=device, dtype=dtype)
     return ImageReward(model, load_bert_tokenizer(tokenizer_name_or_path, local_files_only))
