@@ -27,6 +27,9 @@ class DTSPipelineOutput(BaseOutput):
         distinct_samples: per prompt, how many of its images are distinct terminal states; in search mode fewer than
             `num_images_per_prompt` when the tree had fewer leaves (the best are then repeated, with a warning).
             None for methods that do not count them.
+        interrupted: per prompt, whether `pipe._interrupt` cut its search short in this call. A prompt whose tree
+            holds no sample yet (the interrupt came before it started) has no images; `images` and `rewards` hold
+            those of the leading prompts whose trees do, and `tree=output.trees` continues every tree.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -38,3 +41,4 @@ class DTSPipelineOutput(BaseOutput):
     trees: list = field(default_factory=list)
     nsfw_content_detected: list[bool] | None = None
     distinct_samples: list[int] | None = None
+    interrupted: list[bool] = field(default_factory=list)

@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward
+from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
 
 
 class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
@@ -30,6 +30,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         prompt: str | list[str] | None = None,
         *,
         reward=None,
+        reward_prompt: str | list[str] | None = None,
         lam: float = 1.0,
         nfe_budget: int | None = None,
         mode: str = "sample",
@@ -69,7 +70,11 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         written for the parent pipeline fails loudly instead of being taken for the reward):
             reward: a registered reward name, a reward object, or a callable `(images, prompts) -> Tensor[B]` taking
                 float32 images in [0, 1] of shape [B, 3, H, W].
-            lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.
+            reward_prompt: the text the reward scores the images against (default: `prompt`); needed with
+                `prompt_embeds=` when the reward is prompt-conditioned (`reward.needs_prompts`: image-reward, clip,
+                pickscore, hpsv2), which would otherwise score against nothing. A string, or one per prompt.
+            lam: finite λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model. The greedy limit λ = ∞ is not a
+                value of lam: use mode="search" (DTS*), which returns the best images found.
             nfe_budget: guided denoising steps per prompt (default: `rollout_batch_size` full rollouts).
             mode: "sample" (DTS) or "search" (DTS*).
             method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
@@ -82,25 +87,40 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             vae_batch_size: latents decoded together for the reward.
             latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are
                 replayed from their seeds.
-            tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees.
+            tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees. Each tree
+                records what it was built for (`tree.built_for`: prompt, mode, method, guidance_scale, size, scheduler,
+                num_inference_steps, eta, lam, rollout_batch_size); a call that differs in any raises before any
+                model runs. A tree cut short by an interrupt first spends what the interrupt left of its budget.
             method_options: further options of the method's sampler, e.g. `{"max_backtracks": 2}` for "dfs" or
                 `{"local_search_steps": 2, "local_search_step_size": 0.05}` for "bfs"/"dfs" (local search needs a
                 reward built with `differentiable=True`); see `dts_diffusers.methods.sampler_option_names(method)`.
             callback_on_step_end: `fn(pipe, step, nfe, {"latents": best x_0 latents so far})` after every engine
-                batch; setting `pipe._interrupt = True` in it stops the search and returns what the trees hold.
+                batch; it returns None or the dict it was given (a tree cannot apply returned tensors, so new ones
+                raise). Setting `pipe._interrupt = True` in it stops the search: every prompt keeps its tree (those
+                not started yet stay empty and `tree=` continues them), images come from the trees that hold
+                samples, and `output.interrupted` flags the prompts cut short. diffusers' `PipelineCallback` classes
+                edit the per-step loop, which the tree does not have, and are refused.
             eta: DDIM's η (default 1.0, stochastic); eta=0 raises, since children would be identical.
-        Returns `DTSPipelineOutput` (or its fields as a tuple, images first, when `return_dict=False`).
+            generator: one generator, or one per prompt (a prompt's images all come from one tree, seeded once; a
+                list of one per image raises).
+        Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns:
+        `(images, nsfw_content_detected)`.
         """
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         tensor_inputs = self._check_tree_inputs(
-            height, width, lam, mode, method, nfe_budget, rollout_batch_size,
-            callback_on_step_end_tensor_inputs, callback_on_step_end, kwargs,
+            height=height, width=width, lam=lam, mode=mode, method=method, nfe_budget=nfe_budget,
+            num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, c_uct=c_uct,
+            rollout_batch_size=rollout_batch_size, vae_batch_size=vae_batch_size,
+            latent_cache_bytes=latent_cache_bytes, output_type=output_type,
+            tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
         )  # fmt: skip
         self.check_inputs(
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
+        batch = self._check_embeddings(prompt, prompt_embeds, negative_prompt_embeds)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -111,63 +131,43 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         timer = PhaseTimer(device)
         counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
         call_start = time.perf_counter()
+        latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        runs = self._prepare_trees(
+            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
+            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, method_options=method_options, method=method,
+            lam=lam, mode=mode, branch_every=branch_every, branch_levels=branch_levels, widening=widening,
+            c_uct=c_uct, rollout_batch_size=rollout_batch_size, latent_cache_bytes=latent_cache_bytes,
+            latent_cache_device=latent_cache_device, vae_batch_size=vae_batch_size, timer=timer, counts=counts,
+        )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
-        prompts = [prompt] if isinstance(prompt, str) else prompt
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, 1, self.do_classifier_free_guidance, negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )  # fmt: skip
-        prompts = prompts or [""] * prompt_embeds.shape[0]
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             timestep_cond = self.get_guidance_scale_embedding(
                 torch.tensor([guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=prompt_embeds.dtype)
-        conditionings = [
-            {
-                "encoder_hidden_states": torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
+        for i, run in enumerate(runs):
+            run.conditioning.update(
+                encoder_hidden_states=torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
                 if self.do_classifier_free_guidance
                 else prompt_embeds[i : i + 1],
-                "timestep_cond": timestep_cond,
-            }
-            for i in range(len(prompts))
-        ]
+                timestep_cond=timestep_cond,
+            )
 
         # 2. grow one tree per prompt and draw the images from it
-        latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         with self._vae_precision():
-            latents, rewards, trees = self._search(
-                prompts=prompts,
-                conditionings=conditionings,
-                reward=reward,
-                latent_shape=latent_shape,
-                dtype=prompt_embeds.dtype,
-                num_inference_steps=num_inference_steps,
-                eta=eta,
-                nfe_budget=nfe_budget,
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                tree=tree,
-                method_options=method_options,
-                method=method,
-                lam=lam,
-                mode=mode,
-                branch_every=branch_every,
-                branch_levels=branch_levels,
-                widening=widening,
-                c_uct=c_uct,
-                rollout_batch_size=rollout_batch_size,
-                latent_cache_bytes=latent_cache_bytes,
-                latent_cache_device=latent_cache_device,
-                vae_batch_size=vae_batch_size,
-                callback_on_step_end=callback_on_step_end,
-                tensor_inputs=tensor_inputs,
-                timer=timer,
-                counts=counts,
-            )
+            latents, rewards, trees, interrupted = self._grow_trees(
+                runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt, rollout_batch_size=rollout_batch_size,
+                callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
+            )  # fmt: skip
 
             # 3. decode, check, postprocess as StableDiffusionPipeline does
             has_nsfw_concept = None
@@ -179,7 +179,9 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
                 denormalize = [True] * len(images) if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
                 images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
         self.maybe_free_model_hooks()
-        output = DTSPipelineOutput(
+        if not return_dict:
+            return images, has_nsfw_concept
+        return DTSPipelineOutput(
             images=images,
             rewards=rewards,
             nfe=counts["nfe"],
@@ -189,5 +191,5 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             trees=trees,
             distinct_samples=distinct_samples(trees),
             nsfw_content_detected=has_nsfw_concept,
+            interrupted=interrupted,
         )
-        return output if return_dict else output.to_tuple()

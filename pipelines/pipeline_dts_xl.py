@@ -11,7 +11,7 @@ from diffusers import StableDiffusionXLPipeline
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward
+from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
 
 
 class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
@@ -33,6 +33,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         prompt_2: str | list[str] | None = None,
         *,
         reward=None,
+        reward_prompt: str | list[str] | None = None,
         lam: float = 1.0,
         nfe_budget: int | None = None,
         mode: str = "sample",
@@ -80,7 +81,11 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         Besides StableDiffusionXLPipeline's arguments (all but the two prompts are keyword-only, as in DTSPipeline):
             reward: a registered reward name, a reward object, or a callable `(images, prompts) -> Tensor[B]` taking
                 float32 images in [0, 1] of shape [B, 3, H, W].
-            lam: λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model.
+            reward_prompt: the text the reward scores the images against (default: `prompt`); needed with
+                `prompt_embeds=` when the reward is prompt-conditioned (`reward.needs_prompts`: image-reward, clip,
+                pickscore, hpsv2), which would otherwise score against nothing. A string, or one per prompt.
+            lam: finite λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model. The greedy limit λ = ∞ is not a
+                value of lam: use mode="search" (DTS*), which returns the best images found.
             nfe_budget: guided denoising steps per prompt (default: `rollout_batch_size` full rollouts).
             mode: "sample" (DTS) or "search" (DTS*).
             method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
@@ -93,28 +98,42 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             vae_batch_size: latents decoded together for the reward.
             latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are
                 replayed from their seeds.
-            tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees.
+            tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees. Each tree
+                records what it was built for (`tree.built_for`: prompt, mode, method, guidance_scale, size, scheduler,
+                num_inference_steps, eta, lam, rollout_batch_size); a call that differs in any raises before any
+                model runs. A tree cut short by an interrupt first spends what the interrupt left of its budget.
             method_options: further options of the method's sampler, e.g. `{"max_backtracks": 2}` for "dfs" or
                 `{"local_search_steps": 2, "local_search_step_size": 0.05}` for "bfs"/"dfs" (local search needs a
                 reward built with `differentiable=True`); see `dts_diffusers.methods.sampler_option_names(method)`.
             callback_on_step_end: `fn(pipe, step, nfe, {"latents": best x_0 latents so far})` after every engine
-                batch; setting `pipe._interrupt = True` in it stops the search and returns what the trees hold.
+                batch; it returns None or the dict it was given (a tree cannot apply returned tensors, so new ones
+                raise). Setting `pipe._interrupt = True` in it stops the search: every prompt keeps its tree (those
+                not started yet stay empty and `tree=` continues them), images come from the trees that hold
+                samples, and `output.interrupted` flags the prompts cut short. diffusers' `PipelineCallback` classes
+                edit the per-step loop, which the tree does not have, and are refused.
             eta: DDIM's η (default 1.0, stochastic); eta=0 raises, since children would be identical.
-        Returns `DTSPipelineOutput` (or its fields as a tuple, images first, when `return_dict=False`).
+            generator: one generator, or one per prompt (a prompt's images all come from one tree, seeded once; a
+                list of one per image raises).
+        Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns: `(images,)`.
         """
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         original_size = original_size or (height, width)
         target_size = target_size or (height, width)
         tensor_inputs = self._check_tree_inputs(
-            height, width, lam, mode, method, nfe_budget, rollout_batch_size,
-            callback_on_step_end_tensor_inputs, callback_on_step_end, kwargs,
+            height=height, width=width, lam=lam, mode=mode, method=method, nfe_budget=nfe_budget,
+            num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, c_uct=c_uct,
+            rollout_batch_size=rollout_batch_size, vae_batch_size=vae_batch_size,
+            latent_cache_bytes=latent_cache_bytes, output_type=output_type,
+            tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
         )  # fmt: skip
         self.check_inputs(
             prompt, prompt_2, height, width, None, negative_prompt, negative_prompt_2, prompt_embeds,
             negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
+        batch = self._check_embeddings(prompt, prompt_embeds, negative_prompt_embeds)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -126,9 +145,17 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         timer = PhaseTimer(device)
         counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
         call_start = time.perf_counter()
+        latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        runs = self._prepare_trees(
+            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
+            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, method_options=method_options, method=method,
+            lam=lam, mode=mode, branch_every=branch_every, branch_levels=branch_levels, widening=widening,
+            c_uct=c_uct, rollout_batch_size=rollout_batch_size, latent_cache_bytes=latent_cache_bytes,
+            latent_cache_device=latent_cache_device, vae_batch_size=vae_batch_size, timer=timer, counts=counts,
+        )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
-        prompts = [prompt] if isinstance(prompt, str) else prompt
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, device=device, num_images_per_prompt=1,
@@ -138,7 +165,6 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )  # fmt: skip
-        prompts = prompts or [""] * prompt_embeds.shape[0]
         if self.text_encoder_2 is None:
             projection_dim = int(pooled_prompt_embeds.shape[-1])
         else:
@@ -158,54 +184,26 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             timestep_cond = self.get_guidance_scale_embedding(
                 torch.tensor([guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=prompt_embeds.dtype)
-        conditionings = []
-        for i in range(len(prompts)):
+        for i, run in enumerate(runs):
             if self.do_classifier_free_guidance:
                 hidden = torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
                 text_embeds = torch.stack([negative_pooled_prompt_embeds[i], pooled_prompt_embeds[i]])
                 time_ids = torch.cat([negative_add_time_ids, add_time_ids])
             else:
                 hidden, text_embeds, time_ids = prompt_embeds[i : i + 1], pooled_prompt_embeds[i : i + 1], add_time_ids
-            conditionings.append(
-                {
-                    "encoder_hidden_states": hidden.to(device),
-                    "added_cond_kwargs": {"text_embeds": text_embeds.to(device), "time_ids": time_ids},
-                    "timestep_cond": timestep_cond,
-                }
+            run.conditioning.update(
+                encoder_hidden_states=hidden.to(device),
+                added_cond_kwargs={"text_embeds": text_embeds.to(device), "time_ids": time_ids},
+                timestep_cond=timestep_cond,
             )
 
         # 2. grow one tree per prompt and draw the images from it
-        latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         with self._vae_precision():
-            latents, rewards, trees = self._search(
-                prompts=prompts,
-                conditionings=conditionings,
-                reward=reward,
-                latent_shape=latent_shape,
-                dtype=prompt_embeds.dtype,
-                num_inference_steps=num_inference_steps,
-                eta=eta,
-                nfe_budget=nfe_budget,
-                num_images_per_prompt=num_images_per_prompt,
-                generator=generator,
-                tree=tree,
-                method_options=method_options,
-                method=method,
-                lam=lam,
-                mode=mode,
-                branch_every=branch_every,
-                branch_levels=branch_levels,
-                widening=widening,
-                c_uct=c_uct,
-                rollout_batch_size=rollout_batch_size,
-                latent_cache_bytes=latent_cache_bytes,
-                latent_cache_device=latent_cache_device,
-                vae_batch_size=vae_batch_size,
-                callback_on_step_end=callback_on_step_end,
-                tensor_inputs=tensor_inputs,
-                timer=timer,
-                counts=counts,
-            )
+            latents, rewards, trees, interrupted = self._grow_trees(
+                runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt, rollout_batch_size=rollout_batch_size,
+                callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
+            )  # fmt: skip
 
             # 3. decode, watermark, postprocess as StableDiffusionXLPipeline does
             if output_type == "latent":
@@ -216,7 +214,9 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
                     images = self.watermark.apply_watermark(images)
                 images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
-        output = DTSPipelineOutput(
+        if not return_dict:
+            return (images,)
+        return DTSPipelineOutput(
             images=images,
             rewards=rewards,
             nfe=counts["nfe"],
@@ -225,5 +225,5 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             timings={**timer.seconds, "total": time.perf_counter() - call_start},
             trees=trees,
             distinct_samples=distinct_samples(trees),
+            interrupted=interrupted,
         )
-        return output if return_dict else output.to_tuple()

@@ -6,10 +6,13 @@ which grows one tree per prompt with the engine and draws the images from it.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler
@@ -17,7 +20,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils import logging
 
-from dts_diffusers.engine import check_lambda, default_branch_levels
+from dts_diffusers.engine import default_branch_levels
 from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
 from dts_diffusers.rewards import Reward, as_reward, reward_names
@@ -53,10 +56,11 @@ def tree_levels(num_inference_steps: int, branch_every: int | None, branch_level
         return [int(level) for level in branch_levels]
     if branch_every is None:
         return default_branch_levels(num_inference_steps)
-    if not isinstance(branch_every, int) or branch_every < 1:
-        raise ValueError(f"branch_every must be a positive integer (got {branch_every!r})")
+    branch_every = check_integer("branch_every", branch_every, "e.g. branch_every=10 branches every 10 steps")
     return list(range(num_inference_steps, 0, -branch_every))
 
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 PIPELINE_SET_OPTIONS = {
     "lam": "lam=",
@@ -74,8 +78,9 @@ PIPELINE_SET_OPTIONS = {
 
 
 def distinct_samples(samplers: list) -> list[int] | None:
-    """Distinct terminal states among each sampler's last draw (fewer than asked when a search tree ran short)."""
-    counts = [getattr(sampler, "last_draw_distinct", None) for sampler in samplers]
+    """Distinct terminal states among each sampler's last draw (fewer than asked when a search tree ran short; 0 for
+    a tree an interrupt left empty)."""
+    counts = [getattr(sampler, "last_draw_distinct", None) if sampler.nfe else 0 for sampler in samplers]
     return None if not counts or any(count is None for count in counts) else counts
 
 
@@ -104,20 +109,120 @@ def expand_rows(conditioning, n: int):
     return conditioning
 
 
-def engine_seeds(generator, num_prompts: int, num_images_per_prompt: int) -> list[int]:
+def engine_seeds(generator, num_prompts: int) -> list[int]:
     """One engine seed per prompt, drawn from the caller's generator(s): the same generator gives the same trees."""
-    if isinstance(generator, list):
-        if len(generator) not in (num_prompts, num_prompts * num_images_per_prompt):
-            raise ValueError(
-                f"got {len(generator)} generators for {num_prompts} prompts; pass one generator, one per prompt, or "
-                "one per image"
-            )
-        generators = generator[:: len(generator) // num_prompts]
-    else:
-        generators = [generator] * num_prompts
+    generators = generator if isinstance(generator, list) else [generator] * num_prompts
     return [
         int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu")) for g in generators
     ]
+
+
+def check_integer(name: str, value, fix: str, minimum: int = 1) -> int:
+    """An integer >= minimum: any `numbers.Integral` (numpy's included), never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (got {type(value).__name__} {value!r}); {fix}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (got {value}); {fix}")
+    return int(value)
+
+
+def check_real(name: str, value, fix: str, minimum: float | None = None, strict: bool = False) -> float:
+    """A finite real number (never a bool) >= minimum, or > minimum when `strict`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (got {type(value).__name__} {value!r}); {fix}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and (value <= minimum if strict else value < minimum)):
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound} (got {value}); {fix}")
+    return value
+
+
+def check_generator(generator, num_prompts: int, num_images_per_prompt: int) -> None:
+    """One generator, or one per prompt: a prompt's images all come from one tree, seeded once."""
+    generators = generator if isinstance(generator, list) else [generator]
+    if not all(g is None or isinstance(g, torch.Generator) for g in generators):
+        kinds = sorted({type(g).__name__ for g in generators})
+        raise TypeError(f"generator must be a torch.Generator or a list of them (got {', '.join(kinds)})")
+    if isinstance(generator, list) and len(generator) != num_prompts:
+        per_image = len(generator) == num_prompts * num_images_per_prompt and num_images_per_prompt > 1
+        raise ValueError(
+            f"got {len(generator)} generators for {num_prompts} prompts"
+            + (f" x {num_images_per_prompt} images" if per_image else "")
+            + ": the DTS pipelines draw all images of a prompt from one tree, seeded once, so they take one "
+            f"generator, or a list of one per prompt ({num_prompts}), not one per image"
+        )
+
+
+def reward_prompts(reward: Reward, prompt, reward_prompt, batch: int) -> list[str | None]:
+    """The text each prompt's images are scored against: `reward_prompt=`, else `prompt=`.
+
+    With `prompt_embeds=` there is no text, and a prompt-conditioned reward (`needs_prompts`) scored against "" would
+    steer toward nothing, so it needs `reward_prompt=`.
+    """
+    text = reward_prompt if reward_prompt is not None else prompt
+    if text is None:
+        if reward.needs_prompts:
+            raise ValueError(
+                f"the {reward.name!r} reward scores images against their prompt, but this call has prompt_embeds= "
+                "and no prompt text: pass reward_prompt= with the text the embeddings encode (a string, or a list "
+                "of one per prompt)"
+            )
+        return [None] * batch
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise TypeError(f"reward_prompt must be a string or a list of strings (got {type(text).__name__})")
+    if len(texts) != batch:
+        raise ValueError(f"reward_prompt has {len(texts)} prompts for {batch} prompt embeddings; pass one per prompt")
+    return list(texts)
+
+
+def check_callback_return(returned, given: dict) -> None:
+    """diffusers applies tensors a callback returns (e.g. new latents); a tree cannot, so only the given ones may be."""
+    if returned is None:
+        return
+    if not isinstance(returned, dict):
+        raise TypeError(
+            f"callback_on_step_end returned {type(returned).__name__}; return None or the callback_kwargs dict "
+            "it was given"
+        )
+    changed = sorted(key for key, value in returned.items() if key not in given or value is not given[key])
+    if changed:
+        raise ValueError(
+            f"callback_on_step_end returned new {', '.join(map(repr, changed))}: the DTS pipelines cannot apply "
+            "returned tensors (every latent of the tree is fixed by its seeds; 'latents' is the best x_0 so far, "
+            "for reading). Return None or the callback_kwargs unchanged; to stop, set pipe._interrupt = True"
+        )
+
+
+TREE_FIELDS = (
+    "pipeline", "prompt", "mode", "method", "guidance_scale", "height", "width", "latent_shape", "scheduler",
+    "num_inference_steps", "eta", "lam", "rollout_batch_size",
+)  # fmt: skip
+
+
+def check_tree_matches(index: int, sampler, built_for: dict) -> None:
+    """`tree=` continues a tree only with the arguments that built it; any change would mix two targets in one tree."""
+    recorded = getattr(sampler, "built_for", None)
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"tree[{index}] ({type(sampler).__name__}) was not built by a DTS pipeline call, so what it was built "
+            "for is unknown; pass output.trees of an earlier call"
+        )
+    changed = [name for name in TREE_FIELDS if recorded.get(name) != built_for[name]]
+    if changed:
+        differences = "; ".join(f"{name}={recorded.get(name)!r} then, {built_for[name]!r} now" for name in changed)
+        raise ValueError(
+            f"tree[{index}] was built with other arguments: {differences}. Continue a tree with the arguments that "
+            "built it, or start a new one (tree=None)"
+        )
+
+
+@dataclass
+class TreeRun:
+    """One prompt's sampler and its conditioning, which is filled in once the prompt is encoded."""
+
+    sampler: object
+    conditioning: dict = field(default_factory=dict)
 
 
 class PhaseTimer:
@@ -146,35 +251,108 @@ class TreeSearchMixin:
     _upcast_fp16_vae = False  # the SDXL VAE overflows in fp16 (its config says force_upcast)
 
     def _check_tree_inputs(
-        self, height, width, lam, mode, method, nfe_budget, rollout_batch_size, tensor_inputs, callback, extra
+        self,
+        *,
+        height,
+        width,
+        lam,
+        mode,
+        method,
+        nfe_budget,
+        num_inference_steps,
+        num_images_per_prompt,
+        eta,
+        guidance_scale,
+        guidance_rescale,
+        c_uct,
+        rollout_batch_size,
+        vae_batch_size,
+        latent_cache_bytes,
+        output_type,
+        tensor_inputs,
+        callback,
+        tree,
+        extra,
     ) -> list[str]:
+        """Check every argument of the tree search before any model runs; returns the callback's tensor inputs."""
         for name in extra:
             if name in UNSUPPORTED_ARGUMENTS:
                 raise ValueError(f"{name}= is not supported by {type(self).__name__}: {UNSUPPORTED_ARGUMENTS[name]}")
             raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {name!r}")
         factor = self.vae_scale_factor
+        height = check_integer("height", height, f"a multiple of the VAE scale factor {factor}")
+        width = check_integer("width", width, f"a multiple of the VAE scale factor {factor}")
         if height % factor or width % factor:
             raise ValueError(
                 f"height and width must be divisible by the VAE scale factor {factor} (got {height}x{width}); "
-                f"e.g. {height // factor * factor}x{width // factor * factor}"
+                f"e.g. {max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
             )
-        check_lambda(lam)
+        check_real(
+            "lam", lam, "lam=0 samples the base model, larger lam follows the reward more closely; for the greedy "
+            "limit (lam=inf) use mode='search' (DTS*), which returns the best images found", minimum=0,
+        )  # fmt: skip
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' (DTS, draws ∝ p·exp(λr)) or 'search' (DTS*, best) (got {mode!r})")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if nfe_budget is not None and (not isinstance(nfe_budget, int) or nfe_budget < 1):
-            raise ValueError(f"nfe_budget must be a positive integer (got {nfe_budget!r})")
-        if not isinstance(rollout_batch_size, int) or rollout_batch_size < 1:
-            raise ValueError(f"rollout_batch_size must be a positive integer (got {rollout_batch_size!r})")
+        steps = check_integer("num_inference_steps", num_inference_steps, "the denoising steps of one rollout, e.g. 50")
+        check_integer("num_images_per_prompt", num_images_per_prompt, "the images drawn from each prompt's tree")
+        if nfe_budget is not None:
+            check_integer("nfe_budget", nfe_budget, "the guided denoising steps to spend per prompt")
+            fresh = tree is None or not isinstance(tree, list | tuple) or any(getattr(t, "nfe", 1) == 0 for t in tree)
+            if fresh and nfe_budget < steps:
+                raise ValueError(
+                    f"nfe_budget={nfe_budget} is below one rollout: a new tree's first sample costs "
+                    f"num_inference_steps={steps} NFE; give at least that"
+                )
+        check_real("eta", eta, "DDIM's noise scale; eta > 0 (the paper uses eta=1), eta=0 makes children identical",
+                   minimum=0, strict=True)  # fmt: skip
+        check_real("guidance_scale", guidance_scale, "classifier-free guidance weight; 1 or less turns it off")
+        check_real("guidance_rescale", guidance_rescale, "0 turns the rescale off, 0.7 is the usual value", minimum=0)
+        check_real("c_uct", c_uct, "the exploration constant of search mode, >= 0", minimum=0)
+        check_integer("rollout_batch_size", rollout_batch_size, "rollouts denoised together, e.g. 16")
+        check_integer("vae_batch_size", vae_batch_size, "latents decoded together, e.g. 4")
+        if latent_cache_bytes is not None:
+            check_integer("latent_cache_bytes", latent_cache_bytes, "a bound in bytes, or None for no bound")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {output_type!r})")
         if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
-            tensor_inputs = callback.tensor_inputs
+            raise ValueError(
+                f"{type(callback).__name__}: diffusers' PipelineCallback classes change the denoising loop step by "
+                "step (guidance, prompt_embeds), which the tree search does not have; pass a function "
+                "fn(pipe, step, nfe, callback_kwargs) -> None or callback_kwargs instead"
+            )
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable (got {type(callback).__name__})")
+        if isinstance(tensor_inputs, str) or not all(isinstance(name, str) for name in tensor_inputs):
+            raise TypeError(f"callback_on_step_end_tensor_inputs must be a list of names (got {tensor_inputs!r})")
         if set(tensor_inputs) - {"latents"}:
             raise ValueError(
                 f"callback_on_step_end_tensor_inputs={list(tensor_inputs)}: the DTS pipelines pass only 'latents' "
                 "(the best x_0 latents found so far)"
             )
         return list(tensor_inputs)
+
+    def _check_embeddings(self, prompt, prompt_embeds, negative_prompt_embeds) -> int:
+        """The number of prompts; embeddings must be [prompts, tokens, the UNet's cross-attention width]."""
+        if prompt_embeds is None:
+            if isinstance(prompt, str):
+                return 1
+            if not prompt or not all(isinstance(text, str) for text in prompt):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings (got {prompt!r})")
+            return len(prompt)
+        width = self.unet.config.cross_attention_dim
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is None:
+                continue
+            if not isinstance(embeds, torch.Tensor) or not embeds.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor (got {type(embeds).__name__})")
+            if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[-1] != width:
+                raise ValueError(
+                    f"{name} must be shaped [prompts, tokens, {width}] (the UNet's cross_attention_dim) "
+                    f"(got {tuple(embeds.shape)}); encode the prompts with pipe.encode_prompt"
+                )
+        return prompt_embeds.shape[0]
 
     def _tree_scheduler(self):
         """The pipeline's scheduler if its step is stochastic; otherwise DDIM (the paper's choice) from its config."""
@@ -238,31 +416,32 @@ class TreeSearchMixin:
                 [self.vae.decode(chunk.to(self.vae.dtype), return_dict=False)[0] for chunk in latents.split(batch_size)]
             )
 
-    def _scorer(self, reward: Reward, prompt: str, vae_batch_size: int, timer: PhaseTimer, counts: dict) -> Callable:
-        """The engine's `reward(x0_latents)`: decode, map to float32 [0, 1], score with the prompt."""
+    def _scorer(
+        self, reward: Reward, prompt: str | None, vae_batch_size: int, timer: PhaseTimer, counts: dict
+    ) -> Callable:
+        """The engine's `reward(x0_latents)`: decode, map to float32 [0, 1], score with the prompt.
+
+        Without prompt text (`prompt_embeds=` alone) only prompt-free rewards get here, and they are given ""."""
 
         def score(latents: torch.Tensor) -> torch.Tensor:
             images = (self._decode_latents(latents, vae_batch_size, timer) / 2 + 0.5).clamp(0, 1).float()
             with timer("reward"):
-                rewards = reward(images, [prompt] * len(images))
+                rewards = reward(images, [prompt or ""] * len(images))
             counts["reward_calls"] += len(images)
             return torch.as_tensor(rewards).float()
 
         return score
 
-    def _search(
+    def _prepare_trees(
         self,
         *,
-        prompts: list[str],
-        conditionings: list[dict],
+        prompts: list[str | None],
         reward: Reward,
         latent_shape: tuple[int, ...],
-        dtype: torch.dtype,
         num_inference_steps: int,
         eta: float,
-        nfe_budget: int | None,
-        num_images_per_prompt: int,
         generator,
+        num_images_per_prompt: int,
         tree: list | None,
         method_options: dict | None,
         method: str,
@@ -276,19 +455,14 @@ class TreeSearchMixin:
         latent_cache_bytes: int | None,
         latent_cache_device,
         vae_batch_size: int,
-        callback_on_step_end,
-        tensor_inputs: list[str],
         timer: PhaseTimer,
         counts: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Grow (or continue) one tree per prompt by `nfe_budget` NFE, then draw `num_images_per_prompt` from each.
-
-        Returns the drawn x_0 latents, their rewards, and the trees. Stops early on `self._interrupt`; prompts whose
-        tree was not started by then get no images.
-        """
+    ) -> list[TreeRun]:
+        """Build (or check and rebind) one sampler per prompt, before any model runs, so that every option of the
+        tree and every mismatch with `tree=` fails first. Each denoiser reads its conditioning when it runs; the
+        caller fills `TreeRun.conditioning` once the prompts are encoded."""
         device = self._execution_device
         scheduler = self._tree_scheduler()
-        nfe_budget = nfe_budget or rollout_batch_size * num_inference_steps
         if tree is not None and not isinstance(tree, list | tuple):
             tree = [tree]
         if tree is not None and len(tree) != len(prompts):
@@ -296,41 +470,90 @@ class TreeSearchMixin:
                 f"tree= has {len(tree)} trees for {len(prompts)} prompts; pass output.trees of a call with the same "
                 "prompts"
             )
-        seeds = engine_seeds(generator, len(prompts), num_images_per_prompt) if tree is None else []
-        extra_options = check_method_options(method, method_options)
-        options = {
-            "lam": lam,
-            "mode": mode,
-            "branch_levels": tree_levels(num_inference_steps, branch_every, branch_levels),
-            **widening_option(widening),
-            "c_uct": c_uct,
-            "batch_size": rollout_batch_size,
-            "latent_device": latent_cache_device,
-            "latent_budget_bytes": latent_cache_bytes,
-        }
-        samplers, step = [], 0
-        with self.progress_bar(total=nfe_budget * len(prompts)) as progress:
-            for index, (prompt, conditioning) in enumerate(zip(prompts, conditionings, strict=True)):
-                transition = SchedulerTransition(
-                    scheduler, self._denoiser(conditioning, timer, counts), num_inference_steps, eta=eta
-                )
-                prior = transition.prior(latent_shape, device=device, dtype=dtype)
-                score = self._scorer(reward, prompt, vae_batch_size, timer, counts)
-                if tree is None:
-                    sampler = build_sampler(
-                        method, prior, transition, score, num_inference_steps, seed=seeds[index], device=device,
-                        renoise=transition.renoise, **options, **extra_options,
-                    )  # fmt: skip
-                else:
-                    sampler = tree[index]
-                    if sampler.num_steps != num_inference_steps or sampler.lam != lam:
-                        raise ValueError(
-                            f"tree= was built with num_inference_steps={sampler.num_steps} and lam={sampler.lam}; "
-                            "continue it with the same values"
-                        )
-                    sampler.prior, sampler.transition, sampler.reward = prior, transition, score
-                    if hasattr(sampler, "renoise"):
-                        sampler.renoise = transition.renoise
+        height, width = (size * self.vae_scale_factor for size in latent_shape[1:])
+        built_for = {
+            "pipeline": type(self).__name__, "mode": mode, "method": method, "guidance_scale": self.guidance_scale,
+            "height": height, "width": width, "latent_shape": tuple(latent_shape),
+            "scheduler": type(scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
+            "lam": lam, "rollout_batch_size": rollout_batch_size,
+        }  # fmt: skip
+        if tree is not None:
+            for index, (sampler, prompt) in enumerate(zip(tree, prompts, strict=True)):
+                check_tree_matches(index, sampler, {**built_for, "prompt": prompt})
+        else:
+            check_generator(generator, len(prompts), num_images_per_prompt)
+            seeds = engine_seeds(generator, len(prompts))
+            extra_options = check_method_options(method, method_options)
+            options = {
+                "lam": lam,
+                "mode": mode,
+                "branch_levels": tree_levels(num_inference_steps, branch_every, branch_levels),
+                **widening_option(widening),
+                "c_uct": c_uct,
+                "batch_size": rollout_batch_size,
+                "latent_device": latent_cache_device,
+                "latent_budget_bytes": latent_cache_bytes,
+            }
+        runs = []
+        for index, prompt in enumerate(prompts):
+            run = TreeRun(sampler=None)
+            transition = SchedulerTransition(
+                scheduler, self._denoiser(run.conditioning, timer, counts), num_inference_steps, eta=eta
+            )
+            prior = self._prior(transition, latent_shape, run.conditioning)
+            score = self._scorer(reward, prompt, vae_batch_size, timer, counts)
+            if tree is None:
+                run.sampler = build_sampler(
+                    method, prior, transition, score, num_inference_steps, seed=seeds[index], device=device,
+                    renoise=transition.renoise, **options, **extra_options,
+                )  # fmt: skip
+                run.sampler.built_for = {**built_for, "prompt": prompt}
+            else:
+                run.sampler = tree[index]
+                run.sampler.prior, run.sampler.transition, run.sampler.reward = prior, transition, score
+                if hasattr(run.sampler, "renoise"):
+                    run.sampler.renoise = transition.renoise
+            runs.append(run)
+        return runs
+
+    def _prior(self, transition: SchedulerTransition, shape: tuple[int, ...], conditioning: dict) -> Callable:
+        """x_T in the dtype of the prompt's embeddings, which are known only once the prompt is encoded."""
+        device = self._execution_device
+
+        def draw(n: int, generators: list[torch.Generator]) -> torch.Tensor:
+            dtype = conditioning["encoder_hidden_states"].dtype
+            return transition.prior(shape, device=device, dtype=dtype)(n, generators)
+
+        return draw
+
+    def _grow_trees(
+        self,
+        runs: list[TreeRun],
+        *,
+        nfe_budget: int | None,
+        num_inference_steps: int,
+        num_images_per_prompt: int,
+        rollout_batch_size: int,
+        callback_on_step_end,
+        tensor_inputs: list[str],
+        timer: PhaseTimer,
+        counts: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, list, list[bool]]:
+        """Grow each prompt's tree by `nfe_budget` NFE, then draw `num_images_per_prompt` from each.
+
+        Returns the drawn x_0 latents, their rewards, the trees, and which prompts were cut short by
+        `self._interrupt`. Every prompt keeps its tree; one that holds no sample yet (the interrupt came before it
+        started) contributes no images, so the images are those of the leading prompts whose trees hold samples.
+        """
+        nfe_budget = nfe_budget or rollout_batch_size * num_inference_steps
+        interrupted = [False] * len(runs)
+        step = 0
+        with self.progress_bar(total=nfe_budget * len(runs)) as progress:
+            for index, run in enumerate(runs):
+                if self.interrupt:
+                    interrupted[index:] = [True] * (len(runs) - index)
+                    break
+                sampler = run.sampler
                 start_nfe, before = sampler.nfe, sampler.timings.as_dict()
                 seen = start_nfe
 
@@ -340,7 +563,7 @@ class TreeSearchMixin:
                     seen = sampler.nfe
                     if callback_on_step_end is not None:
                         tensors = {"latents": sampler.best()[0]} if tensor_inputs else {}
-                        callback_on_step_end(self, step, sampler.nfe, tensors)
+                        check_callback_return(callback_on_step_end(self, step, sampler.nfe, tensors), tensors)
                     step += 1
                     return self.interrupt
 
@@ -349,10 +572,13 @@ class TreeSearchMixin:
                 timer.seconds["engine"] += after["bookkeeping"] - before["bookkeeping"]
                 timer.seconds["denoise"] += after["transition"] - before["transition"]
                 counts["nfe"] += sampler.nfe - start_nfe
-                samplers.append(sampler)
                 if self.interrupt:
-                    break
-        drawn = [sampler.sample(num_images_per_prompt, return_rewards=True) for sampler in samplers]
+                    interrupted[index] = True
+                else:  # a budget that is not a multiple of the rollout cost leaves a remainder: the bar ends at 100 %
+                    progress.total += sampler.nfe - start_nfe - nfe_budget
+                    progress.refresh()
+        samplers = [run.sampler for run in runs]
+        drawn = [sampler.sample(num_images_per_prompt, return_rewards=True) for sampler in samplers if sampler.nfe]
         latents = torch.cat([x0 for x0, _ in drawn])
         rewards = torch.cat([r for _, r in drawn]).float()
-        return latents, rewards, samplers
+        return latents, rewards, samplers, interrupted

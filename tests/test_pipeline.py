@@ -351,7 +351,7 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
     ("kwargs", "error", "match"),
     [
         ({"nfe_budget": STEPS - 1}, ValueError, "below one rollout"),
-        ({"lam": -1.0}, ValueError, "lam must be >= 0"),
+        ({"lam": -1.0}, ValueError, "lam must be a finite number >= 0"),
         ({"height": 15}, ValueError, "divisible by the VAE scale factor 2"),
         ({"latents": torch.zeros(1, 4, 8, 8)}, ValueError, "latents= is not supported"),
         ({"ip_adapter_image": PIL.Image.new("RGB", (8, 8))}, ValueError, "IP-Adapter"),
