@@ -23,6 +23,7 @@ from diffusers.utils import logging
 from dts_diffusers.engine import default_branch_levels
 from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
+from dts_diffusers.particles import NOT_DIFFERENTIABLE
 from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, SchedulerTransition, stochastic_kind
 
@@ -463,6 +464,8 @@ class TreeSearchMixin:
         caller fills `TreeRun.conditioning` once the prompts are encoded."""
         device = self._execution_device
         scheduler = self._tree_scheduler()
+        num_inference_steps, rollout_batch_size = int(num_inference_steps), int(rollout_batch_size)  # numpy ints too
+        latent_cache_bytes = None if latent_cache_bytes is None else int(latent_cache_bytes)
         if tree is not None and not isinstance(tree, list | tuple):
             tree = [tree]
         if tree is not None and len(tree) != len(prompts):
@@ -484,6 +487,8 @@ class TreeSearchMixin:
             check_generator(generator, len(prompts), num_images_per_prompt)
             seeds = engine_seeds(generator, len(prompts))
             extra_options = check_method_options(method, method_options)
+            if extra_options.get("local_search_steps") and not reward.differentiable:
+                raise ValueError(NOT_DIFFERENTIABLE)  # the sampler would find out only at its first ascent
             options = {
                 "lam": lam,
                 "mode": mode,
@@ -545,7 +550,8 @@ class TreeSearchMixin:
         `self._interrupt`. Every prompt keeps its tree; one that holds no sample yet (the interrupt came before it
         started) contributes no images, so the images are those of the leading prompts whose trees hold samples.
         """
-        nfe_budget = nfe_budget or rollout_batch_size * num_inference_steps
+        nfe_budget = int(nfe_budget or rollout_batch_size * num_inference_steps)
+        num_images_per_prompt = int(num_images_per_prompt)
         interrupted = [False] * len(runs)
         step = 0
         with self.progress_bar(total=nfe_budget * len(runs)) as progress:

@@ -1,6 +1,7 @@
 """DTSPipeline / DTSXLPipeline on tiny random-weight SD 1.x and SDXL pipelines, saved and loaded like hub models."""
 
 import io
+import re
 
 import numpy as np
 import PIL.Image
@@ -17,12 +18,16 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
+from dts_diffusers.pipelines.tree_search import PhaseTimer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from dts_diffusers import DTSPipeline, DTSPipelineOutput, DTSXLPipeline
+from dts_diffusers import DTS, DTSPipeline, DTSPipelineOutput, DTSXLPipeline
 from dts_diffusers.dfs import DepthFirstSearch
 from dts_diffusers.engine import WIDENINGS
+from dts_diffusers.noise import row_generators
 from dts_diffusers.rewards import CallableReward
+from dts_diffusers.schedulers import SchedulerTransition
 from dts_diffusers.tree import PAPER_WIDENING, Widening
 
 STEPS = 4
@@ -111,6 +116,17 @@ def pipe(sd_path):
     return pipe
 
 
+def count_model_calls(pipe) -> dict[str, int]:
+    """Forward calls of the text encoder(s), UNet and VAE decoder, counted by hooks ("before any model call")."""
+    calls = {}
+    modules = {"unet": pipe.unet, "vae": pipe.vae.decoder, "text_encoder": pipe.text_encoder}
+    modules |= {"text_encoder_2": pipe.text_encoder_2} if getattr(pipe, "text_encoder_2", None) is not None else {}
+    for name, module in modules.items():
+        calls[name] = 0
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
 class RecordingReward:
     """Mean brightness of the image, recording what it was given."""
 
@@ -174,27 +190,54 @@ def test_without_guidance_one_unet_row_per_nfe(pipe):
         {"negative_prompt": "blurry"},
         {"guidance_rescale": 0.7},
         {"guidance_scale": 3.0},
-        {"prompt": None, "prompt_embeds": torch.randn(1, 16, 32), "negative_prompt_embeds": torch.randn(1, 16, 32)},
+        {
+            "prompt": None,
+            "prompt_embeds": torch.randn(1, 16, 32),
+            "negative_prompt_embeds": torch.randn(1, 16, 32),
+            "reward_prompt": "a blue circle",
+        },
     ],
 )
 def test_stable_diffusion_arguments_take_effect(pipe, argument):
     baseline = run(pipe, output_type="latent")
-    changed = run(pipe, output_type="latent", **argument)
+    reward = RecordingReward()
+    changed = run(pipe, output_type="latent", reward=reward, **argument)
     assert changed.images.shape == baseline.images.shape
     assert not torch.allclose(changed.images, baseline.images)
+    scored_against = argument.get("reward_prompt", "a red square")
+    assert reward.calls and {p for _, prompts in reward.calls for p in prompts} == {scored_against}
 
 
 def test_progress_bar_counts_nfe_and_follows_its_config(pipe):
     log = io.StringIO()
     pipe.set_progress_bar_config(file=log, ascii=True)
     out = run(pipe, prompt=["a", "b"], nfe_budget=12)
-    assert f"{out.nfe}/24" in log.getvalue()
+    assert out.nfe == 24 and "24/24" in log.getvalue()
+
+
+def test_budget_not_a_multiple_of_the_rollout_cost_reports_what_was_spent(pipe):
+    """A best-of-N sample costs STEPS = 4 NFE, so a budget of 14 buys 3 (12 NFE): the output and the bar say so."""
+    log = io.StringIO()
+    pipe.set_progress_bar_config(file=log, ascii=True)
+    out = run(pipe, prompt=["a", "b"], nfe_budget=14, method="best-of-n")
+    spent = [tree.nfe for tree in out.trees]
+    assert out.nfe == sum(spent) == sum(tree.stats()["nfe"] for tree in out.trees) == 24 and spent == [12, 12]
+    final = log.getvalue().split("\r")[-1]
+    assert f"{out.nfe}/{out.nfe}" in final and "100%" in final
 
 
 def test_bounded_latent_cache_replays_evicted_latents(pipe):
-    out = run(pipe, latent_cache_bytes=4 * 8 * 8 * 4 * 3, nfe_budget=40, num_images_per_prompt=3, output_type="latent")
-    assert out.nfe <= 40 and out.unet_evals >= 2 * out.nfe and torch.isfinite(out.images).all()
-    assert out.trees[0].stats()["stored_latent_bytes"] <= 4 * 8 * 8 * 4 * 3
+    bound = 4 * 8 * 8 * 4 * 3  # three float32 latents
+    unbounded = run(pipe, nfe_budget=40, num_images_per_prompt=3, output_type="latent")
+    out = run(pipe, latent_cache_bytes=bound, nfe_budget=40, num_images_per_prompt=3, output_type="latent")
+    stats = out.trees[0].stats()
+    assert stats["stored_latent_bytes"] <= bound < unbounded.trees[0].stats()["stored_latent_bytes"]
+    assert stats["replayed_nfe"] > 0 and out.unet_evals == 2 * (out.nfe + stats["replayed_nfe"])  # evicted, replayed
+    assert unbounded.trees[0].stats()["replayed_nfe"] == 0 and unbounded.unet_evals == 2 * unbounded.nfe
+    assert out.nfe == unbounded.nfe and stats["nodes"] == unbounded.trees[0].stats()["nodes"]
+    # replays run the evicted rows in other batches: the same images to float rounding
+    torch.testing.assert_close(out.images, unbounded.images, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.rewards, unbounded.rewards)
 
 
 def test_reward_gets_unit_float_images_and_the_prompts(pipe):
@@ -352,6 +395,28 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
     [
         ({"nfe_budget": STEPS - 1}, ValueError, "below one rollout"),
         ({"lam": -1.0}, ValueError, "lam must be a finite number >= 0"),
+        ({"lam": float("nan")}, ValueError, r"lam must be a finite number >= 0 \(got nan\)"),
+        ({"lam": float("inf")}, ValueError, r"greedy limit \(lam=inf\) use mode='search'"),
+        ({"num_images_per_prompt": 0}, ValueError, "num_images_per_prompt must be >= 1"),
+        ({"num_images_per_prompt": 1.0}, TypeError, "num_images_per_prompt must be an integer"),
+        ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be >= 1"),
+        ({"eta": -0.5}, ValueError, "eta must be a finite number > 0"),
+        ({"eta": float("nan")}, ValueError, "eta must be a finite number > 0"),
+        ({"nfe_budget": True}, TypeError, "nfe_budget must be an integer .got bool"),
+        ({"nfe_budget": 16.0}, TypeError, "nfe_budget must be an integer"),
+        ({"rollout_batch_size": np.int64(0)}, ValueError, "rollout_batch_size must be >= 1"),
+        ({"guidance_scale": float("inf")}, ValueError, "guidance_scale must be a finite number"),
+        ({"output_type": "jpg"}, ValueError, "output_type must be one of pil, np, pt, latent"),
+        ({"height": -16}, ValueError, "height must be >= 1"),
+        ({"prompt": None, "prompt_embeds": torch.randn(16, 32)}, ValueError, r"prompt_embeds must be shaped \[prompts"),
+        ({"prompt": []}, ValueError, "non-empty list of strings"),
+        ({"generator": [torch.Generator()] * 3, "num_images_per_prompt": 3}, ValueError, "not one per image"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, "one per prompt"),
+        ({"generator": 0}, TypeError, "generator must be a torch.Generator"),
+        ({"callback_on_step_end": SDCFGCutoffCallback(cutoff_step_ratio=0.5)}, ValueError, "PipelineCallback classes"),
+        ({"callback_on_step_end": MultiPipelineCallbacks([])}, ValueError, "fn.pipe, step, nfe, callback_kwargs"),
+        ({"callback_on_step_end": "stop"}, TypeError, "callback_on_step_end must be callable"),
+        ({"branch_levels": [STEPS + 1]}, ValueError, "branch levels must lie in 1..num_steps"),
         ({"height": 15}, ValueError, "divisible by the VAE scale factor 2"),
         ({"latents": torch.zeros(1, 4, 8, 8)}, ValueError, "latents= is not supported"),
         ({"ip_adapter_image": PIL.Image.new("RGB", (8, 8))}, ValueError, "IP-Adapter"),
@@ -369,8 +434,16 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
     ],
 )
 def test_bad_input_raises_a_clear_error(pipe, kwargs, error, match):
+    calls = count_model_calls(pipe)
     with pytest.raises(error, match=match):
         run(pipe, **kwargs)
+    assert calls == dict.fromkeys(calls, 0)  # every argument is checked before the first model call
+
+
+def test_numpy_integer_budget_is_an_integer(pipe):
+    as_numpy = run(pipe, nfe_budget=np.int64(16), rollout_batch_size=np.int32(3), num_images_per_prompt=np.int16(2))
+    np.testing.assert_array_equal(as_numpy.images, run(pipe, nfe_budget=16, num_images_per_prompt=2).images)
+    assert as_numpy.nfe == 16
 
 
 def test_sdxl_from_pretrained_decodes_in_float32_when_the_vae_is_fp16(xl_path):
@@ -390,7 +463,10 @@ def test_sdxl_from_pretrained_decodes_in_float32_when_the_vae_is_fp16(xl_path):
 def test_sdxl_same_generator_same_images(xl_path):
     pipe = DTSXLPipeline.from_pretrained(xl_path)
     pipe.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(run(pipe).images, run(pipe).images)
+    first = run(pipe, output_type="latent")
+    torch.testing.assert_close(first.images, run(pipe, output_type="latent").images, atol=0, rtol=0)
+    other = run(pipe, output_type="latent", generator=torch.Generator().manual_seed(1))
+    assert (first.images - other.images).abs().max() > 0.1  # the generator seeds the tree: another seed, other images
 
 
 def test_dfs_backtracks_within_the_budget(pipe):
@@ -416,3 +492,158 @@ def test_local_search_differentiates_the_reward_through_the_vae(pipe):
     assert out.nfe == 24 and out.trees[0].stats()["particles"] == 24 // (STEPS + 2)  # one more NFE per evaluation
     assert with_gradient.count(True) == 2  # one ascent per evaluation level, through the VAE decoder
     assert torch.isfinite(out.images).all()
+
+
+def tiny_clip_reward(directory) -> CallableReward:
+    """The CLIP score (a prompt-conditioned reward) on a tiny random CLIP saved to `directory`."""
+    from test_rewards_models import save_tiny_clip
+
+    from dts_diffusers.rewards import load_reward
+
+    save_tiny_clip(directory, seed=0)
+    return load_reward("clip", pretrained_model_name_or_path=directory)
+
+
+def prompts_seen(reward) -> list[str]:
+    return [prompt for _, prompts in reward.calls for prompt in prompts]
+
+
+@pytest.mark.parametrize("kind", ["clip", "callable"])
+def test_prompt_conditioned_reward_with_prompt_embeds_needs_the_prompt_text(pipe, tmp_path, kind):
+    reward = tiny_clip_reward(tmp_path) if kind == "clip" else CallableReward(RecordingReward(), needs_prompts=True)
+    assert reward.needs_prompts
+    embeds = {"prompt": None, "prompt_embeds": torch.randn(1, 16, 32), "negative_prompt_embeds": torch.randn(1, 16, 32)}
+    calls = count_model_calls(pipe)
+    with pytest.raises(ValueError, match=r"scores images against their prompt.*pass reward_prompt="):
+        run(pipe, reward=reward, **embeds)
+    assert calls == dict.fromkeys(calls, 0)
+    out = run(pipe, reward=reward, reward_prompt="a cat", output_type="pt", **embeds)
+    if kind == "callable":
+        assert set(prompts_seen(reward.fn)) == {"a cat"}
+    else:  # the returned rewards are the CLIP scores of the images for "a cat", not for ""
+        torch.testing.assert_close(reward(out.images, ["a cat"]), out.rewards, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(reward(out.images, [""]), out.rewards, atol=1e-3)
+    assert out.trees[0].built_for["prompt"] == "a cat"
+
+
+def test_reward_prompt_overrides_the_prompt_and_must_match_the_batch(pipe):
+    reward = RecordingReward()
+    run(pipe, prompt=["a", "b"], reward=reward, reward_prompt=["a cat", "a dog"], nfe_budget=8)
+    assert set(prompts_seen(reward)) == {"a cat", "a dog"}
+    with pytest.raises(ValueError, match="reward_prompt has 1 prompts for 2"):
+        run(pipe, prompt=["a", "b"], reward_prompt=["a cat"])
+    with pytest.raises(TypeError, match="reward_prompt must be a string or a list of strings"):
+        run(pipe, reward_prompt=3)
+
+
+def use_ddpm(pipe):
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return {}
+
+
+TREE_MISMATCHES = [
+    ("prompt", {"prompt": "a blue circle"}, "'a red square' then, 'a blue circle' now"),
+    ("mode", {"mode": "search"}, "'sample' then, 'search' now"),
+    ("method", {"method": "dts-paper"}, "'dts' then, 'dts-paper' now"),
+    ("guidance_scale", {"guidance_scale": 3.0}, "7.5 then, 3.0 now"),
+    ("height", {"height": 24}, "16 then, 24 now"),
+    ("width", {"width": 8}, "16 then, 8 now"),
+    ("scheduler", use_ddpm, "'DDIMScheduler' then, 'DDPMScheduler' now"),
+    ("num_inference_steps", {"num_inference_steps": STEPS + 2}, f"{STEPS} then, {STEPS + 2} now"),
+    ("eta", {"eta": 0.5}, "1.0 then, 0.5 now"),
+    ("lam", {"lam": 2.0}, "1.0 then, 2.0 now"),
+    ("rollout_batch_size", {"rollout_batch_size": 2}, "3 then, 2 now"),
+]
+
+
+@pytest.mark.parametrize(("field", "change", "values"), TREE_MISMATCHES, ids=[m[0] for m in TREE_MISMATCHES])
+def test_continuing_a_tree_with_other_arguments_names_the_field(pipe, field, change, values):
+    first = run(pipe, nfe_budget=8, output_type="latent")
+    before = first.trees[0].stats()
+    change = change(pipe) if callable(change) else change
+    calls = count_model_calls(pipe)
+    with pytest.raises(ValueError, match=rf"tree\[0\] was built with other arguments: .*{field}={re.escape(values)}"):
+        run(pipe, nfe_budget=8, tree=first.trees, output_type="latent", **change)
+    assert calls == dict.fromkeys(calls, 0) and first.trees[0].stats()["nodes"] == before["nodes"]
+
+
+def test_tree_not_built_by_a_pipeline_call_is_refused(pipe):
+    engine_tree = DTS(lambda n, g: torch.zeros(n, 1), lambda x, level, g, return_x0=False: x, lambda x: x[:, 0], STEPS)
+    with pytest.raises(ValueError, match=r"tree\[0\] \(DTS\) was not built by a DTS pipeline call"):
+        run(pipe, tree=[engine_tree])
+
+
+def test_interrupt_keeps_every_prompt_and_says_which_were_cut_short(pipe):
+    prompts = ["a cat", "a dog", "a cow"]
+    nfe_seen = []
+
+    def stop_in_the_second_prompt(pipeline, step, nfe, tensors):
+        if nfe_seen and nfe < nfe_seen[-1]:  # the second tree's first batch
+            pipeline._interrupt = True
+        nfe_seen.append(nfe)
+        return tensors
+
+    kwargs = {"prompt": prompts, "num_images_per_prompt": 2, "output_type": "latent"}
+    out = run(pipe, callback_on_step_end=stop_in_the_second_prompt, **kwargs)
+    assert out.interrupted == [False, True, True]
+    full, cut, empty = (tree.nfe for tree in out.trees)
+    assert 24 - STEPS < full <= 24 and 0 < cut == nfe_seen[-1] < 24 and empty == 0
+    assert out.nfe == full + cut and out.images.shape == (4, 4, 8, 8)  # the trees that hold samples, in prompt order
+    assert out.distinct_samples[2] == 0 and [t.built_for["prompt"] for t in out.trees] == prompts
+
+    continued = run(pipe, tree=out.trees, **kwargs)
+    assert continued.interrupted == [False] * 3 and continued.images.shape == (6, 4, 8, 8)
+    assert all(new is old for new, old in zip(continued.trees, out.trees, strict=True))
+    whole = run(pipe, **kwargs)  # the empty tree was seeded like an uninterrupted call's third tree
+    assert continued.trees[2].nfe == whole.trees[2].nfe
+    assert continued.trees[2].stats()["nodes"] == whole.trees[2].stats()["nodes"]
+    assert continued.trees[2].best()[1] == pytest.approx(whole.trees[2].best()[1], abs=1e-5)
+
+
+def test_callback_returning_new_latents_is_refused(pipe):
+    def replace_latents(pipeline, step, nfe, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    with pytest.raises(ValueError, match="returned new 'latents': the DTS pipelines cannot apply returned tensors"):
+        run(pipe, callback_on_step_end=replace_latents)
+    with pytest.raises(TypeError, match="callback_on_step_end returned list"):
+        run(pipe, callback_on_step_end=lambda *args: [])
+    assert run(pipe, callback_on_step_end=lambda pipeline, step, nfe, tensors: tensors).nfe > 0
+    assert run(pipe, callback_on_step_end=lambda *args: None).nfe > 0
+
+
+def test_return_dict_false_returns_what_the_parent_pipeline_returns(pipe, xl_path):
+    images, nsfw = run(pipe, return_dict=False)
+    np.testing.assert_array_equal(images, run(pipe).images)
+    assert nsfw is None  # no safety checker in the tiny pipeline, as StableDiffusionPipeline would return
+    xl = DTSXLPipeline.from_pretrained(xl_path)
+    xl.set_progress_bar_config(disable=True)
+    returned = run(xl, return_dict=False, output_type="latent")
+    assert isinstance(returned, tuple) and len(returned) == 1  # StableDiffusionXLPipeline returns (images,)
+    torch.testing.assert_close(returned[0], run(xl, output_type="latent").images, atol=0, rtol=0)
+
+
+def test_one_generator_per_prompt_seeds_each_tree(pipe):
+    seeds = [torch.Generator().manual_seed(s) for s in (0, 7)]
+    pair = run(pipe, prompt=["a cat", "a dog"], generator=seeds, output_type="latent")
+    alone = run(pipe, prompt="a cat", output_type="latent")  # the same generator (seed 0) for the first prompt
+    torch.testing.assert_close(pair.images[:1], alone.images, atol=1e-4, rtol=1e-4)
+    dog = run(pipe, prompt="a dog", generator=torch.Generator().manual_seed(7), output_type="latent")
+    torch.testing.assert_close(pair.images[1:], dog.images, atol=1e-4, rtol=1e-4)
+
+
+def test_rows_do_not_depend_on_batch_composition_through_the_unet(pipe):
+    """A row's step through the real UNet, CFG and scheduler is the same alone or in a batch (to float rounding of
+    differently sized batches), and its noise comes from its own generator only."""
+    negative, positive = pipe.encode_prompt("a red square", "cpu", 1, True)[::-1]
+    conditioning = {"encoder_hidden_states": torch.cat([negative, positive])}
+    pipe._guidance_scale, pipe._guidance_rescale, pipe._cross_attention_kwargs = 7.5, 0.0, None
+    denoise = pipe._denoiser(conditioning, PhaseTimer(pipe.device), {"unet_evals": 0})
+    transition = SchedulerTransition(pipe.scheduler, denoise, STEPS)
+    x = transition.prior((4, 8, 8))(3, row_generators([1, 2, 3]))
+    together, x0_together = transition(x, STEPS, row_generators([4, 5, 6]), return_x0=True)
+    alone, x0_alone = transition(x[1:2], STEPS, row_generators([5]), return_x0=True)
+    torch.testing.assert_close(together[1:2], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x0_together[1:2], x0_alone, atol=1e-4, rtol=1e-4)
+    other_noise = transition(x[1:2], STEPS, row_generators([4]))
+    assert (other_noise - alone).abs().max() > 1e-2  # the tolerance is far below what another row's noise changes
