@@ -1,4 +1,5 @@
-"""The `dts` command: outputs, record consistency, errors, atomic writes, and sharding invariance.
+"""The `dts` command: outputs, record consistency, errors, atomic writes, batch resume and locking, and sharding
+invariance.
 
 Most tests run a tiny random-weight SD pipeline saved here with the weight-free `jpeg-compressibility` reward; the
 default run (no --model) uses the bundled digits model, as a new user's first command does.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ QUIET_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "fa
 SMALL_RUN = ["--steps", "10", "--nfe-budget", "60", "--num-images", "3", "--device", "cpu"]
 JPEG = ["--reward", "jpeg-compressibility", "--prompt", "a red square"]
 RUN_FILE = "unrelated.txt"
+BUNDLED_BUDGET = cli.BUNDLED.rollouts * cli.BUNDLED.steps
 
 
 def tiny_sd() -> StableDiffusionPipeline:
@@ -85,9 +88,13 @@ def check_record(out: Path, budget: int, num_images: int) -> dict:
     assert curve[-1]["nfe"] == record["nfe"]
     first = Image.open(out / record["images"][0])
     assert all(Image.open(out / name).size == first.size for name in record["images"])
-    assert Image.open(out / "grid.png").size == (num_images * first.width, first.height)
+    columns = min(num_images, 8)
+    assert Image.open(out / "grid.png").size == (columns * first.width, -(-num_images // columns) * first.height)
     assert Image.open(out / "reward_vs_nfe.png").size[0] > 100
     assert not list(out.parent.glob(".*partial"))
+    base = record["base"]  # the λ = 0 reference: best-of-N at the same budget and seed
+    assert base["method"] == "best-of-n" and base["nfe"] == record["nfe"] and len(base["rewards"]) == num_images
+    assert Image.open(out / "comparison.png").size[0] >= 512
     return record
 
 
@@ -97,9 +104,43 @@ def test_default_generate_runs_the_bundled_digits_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "NFE" in result.stderr  # the progress bar goes to stderr
     record = check_record(out, budget=60, num_images=3)
-    assert record["reward"] == "digit-classifier" and record["digit"] == cli.DEFAULT_DIGIT
+    assert record["reward"] == "digit-classifier" and record["digit"] == cli.BUNDLED.digit
     best = [point["best_reward"] for point in record["curve"]]
     assert best == sorted(best)  # one tree keeps growing, so its best reward never drops
+    assert "held-out judge reads a 3" in result.stdout
+
+
+def test_the_first_command_shows_steering_beat_the_base_model(tmp_path, capsys):
+    """`dts generate --out DIR` alone: the bundled task where the base model fails often enough to see DTS help."""
+    out = tmp_path / "first"
+    assert cli.main(["generate", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = check_record(out, budget=BUNDLED_BUDGET, num_images=cli.BUNDLED.num_images)
+    assert record["settings"]["nfe_budget"] == BUNDLED_BUDGET and record["settings"]["guidance_scale"] == 1.0
+    assert record["digit"] == cli.BUNDLED.digit and record["prompt"] == "a handwritten digit three"
+    judge = record["judge_accuracy"]
+    assert judge["base"] <= 0.6 and judge["steered"] >= judge["base"] + 0.25  # measured: 0.38 -> 0.75
+    assert f"base {judge['base']:.0%} -> steered {judge['steered']:.0%}" in printed
+    assert record["tree"]["best_reward"] >= record["base"]["best_reward"] - 1e-3
+    assert sum(record["rewards"]) > sum(record["base"]["rewards"])
+    comparison = Image.open(out / "comparison.png")
+    first = Image.open(out / record["images"][0])
+    rows = 2 * -(-cli.BUNDLED.num_images // 8)  # base above steered, 8 a row
+    assert comparison.width >= 8 * cli.COMPARISON_CELL and comparison.height >= rows * cli.COMPARISON_CELL
+    assert first.width * (cli.COMPARISON_CELL // first.width) >= cli.COMPARISON_CELL
+    assert len(record["base"]["curve"]) == len(record["curve"])  # best-of-N's curve: the plot's reference
+    assert record["timings"]["wall"] < 60
+
+
+def test_the_plot_is_skipped_with_a_warning_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "run"
+    assert cli.main(["generate", "--out", str(out), "--checkpoints", "2", *SMALL_RUN]) == 0
+    error = capsys.readouterr().err
+    assert "dts: warning: skipped reward_vs_nfe.png (matplotlib is not installed" in error
+    record = json.loads((out / "record.json").read_text())
+    assert record["plot"] is None and not (out / "reward_vs_nfe.png").exists()
+    assert all((out / name).is_file() for name in [*record["images"], "grid.png", "comparison.png"])
 
 
 @pytest.mark.parametrize("method", ["dts", "dts-paper", "smc"])
@@ -145,18 +186,104 @@ def test_widening_flag_reaches_the_tree(tmp_path, model):
     ("arguments", "message"),
     [
         (["--model", "MODEL", "--reward", "no-such-reward", "--prompt", "x"], "unknown reward"),
-        (["--model", "./missing/sd-model", "--prompt", "a cat", "--reward", "clip"], "huggingface-cli download"),
+        (["--model", "./missing/sd-model", "--prompt", "a cat", "--reward", "clip"], "--model ./missing/sd-model: no "),
         (["--nfe-budget", "5"], "below one rollout"),
+        (["--nfe-budget", "0"], "--nfe-budget must be a whole number >= 1 (got 0)"),
+        (["--nfe-budget", "-20"], "--nfe-budget must be a whole number >= 1 (got -20)"),
+        (["--steps", "0"], "--steps must be a whole number >= 1 (got 0)"),
+        (["--num-images", "0"], "--num-images must be a whole number >= 1 (got 0)"),
+        (["--rollout-batch-size", "0"], "--rollout-batch-size must be a whole number >= 1 (got 0)"),
+        (["--branch-every", "0"], "--branch-every must be a whole number >= 1 (got 0)"),
+        (["--checkpoints", "0"], "--checkpoints must be a whole number >= 1"),
         (["--lam", "-1"], "--lam 0 samples the base model"),
+        (["--lam", "nan"], "--lam must be a finite number >= 0 (got nan)"),
+        (["--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
         (["--digit", "12"], "--digit must be 0..9"),
         (["--model", "owner/model", "--prompt", "a cat"], "--reward is required with --model"),
+        (["--reward-option", "no_such=1"], "the digit-classifier reward takes no option no_such"),
+        (["--reward", "jpeg-compressibility", "--reward-model", "x"], "--reward-model: the jpeg-compressibility"),
     ],
 )
-def test_bad_arguments_fail_with_a_message_and_write_nothing(tmp_path, capsys, model, arguments, message):
+def test_bad_arguments_fail_with_a_message_and_write_nothing(tmp_path, capsys, monkeypatch, model, arguments, message):
+    monkeypatch.setattr(cli, "load_pipeline", never_called)  # every check comes before any model loads
     arguments = [model if argument == "MODEL" else argument for argument in arguments]
     assert cli.main(["generate", "--out", str(tmp_path / "run"), "--steps", "10", *arguments]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def never_called(*args, **kwargs):
+    raise AssertionError("called although the arguments were already known to be wrong")
+
+
+def test_out_naming_an_existing_file_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_pipeline", never_called)
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli.main(["generate", "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "--out" in (error := capsys.readouterr().err) and "exists and is not a folder; choose" in error
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["generate", "batch"])
+def test_help_shows_every_default(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    options = re.split(r"\n  (?=-)", text.split("options:")[1])[1:]  # one block per option
+    assert len(options) > 20
+    for block in options:
+        if not block.startswith("-h"):
+            assert "(default" in block or "(required)" in block, block
+    assert "(default: 20 with the bundled model, 50 with --model)" in " ".join(text.split())
+
+
+@pytest.mark.parametrize(
+    ("alias", "method"), [("dts-star", "dts*"), ("dts-star-paper", "dts*-paper"), ("dts*", "dts*")]
+)
+def test_dts_star_needs_no_shell_quoting(alias, method):
+    assert cli.build_parser().parse_args(["generate", "--out", "x", "--method", alias]).method == method
+
+
+def test_generate_warns_when_the_prompt_and_the_digit_disagree(capsys):
+    def target(*arguments: str) -> tuple[str, int | None]:
+        args = cli.build_parser().parse_args(["generate", "--out", "x", *arguments])
+        return cli.generate_target(args, cli.reward_name(args))
+
+    assert target() == ("a handwritten digit three", 3) and capsys.readouterr().err == ""
+    assert target("--prompt", "a handwritten digit five") == ("a handwritten digit five", 5)
+    assert capsys.readouterr().err == ""
+    assert target("--prompt", "a handwritten digit 5", "--digit", "3") == ("a handwritten digit 5", 3)
+    assert "names digit 5 but --digit is 3; the reward steers toward 3" in capsys.readouterr().err
+    assert target("--prompt", "a cat") == ("a cat", cli.BUNDLED.digit)
+    assert "names no digit" in capsys.readouterr().err
+    with pytest.raises(cli.CLIError, match="names digits 3, 5; pass --digit"):
+        target("--prompt", "a 3 or a 5")
+
+
+def test_batch_maps_each_prompt_to_the_digit_reward_or_refuses_it(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text('a handwritten digit 3\n{"prompt": "a handwritten digit", "digit": 7}\nthe number nine\n')
+    args = cli.build_parser().parse_args(["batch", "--prompts", str(prompts), "--out", "x"])
+    targets = cli.batch_targets(cli.read_prompts(prompts), args, "digit-classifier")
+    assert [target["digit"] for target in targets] == [3, 7, 9]
+
+    monkeypatch.setattr(cli, "load_pipeline", never_called)
+    for text, message in [
+        ("a handwritten digit 3\na cat\n", ":2: the prompt 'a cat' names no digit"),
+        ('{"prompt": "a handwritten digit 5", "digit": 3}\n', 'names digit 5 but its "digit" is 3'),
+        ('{"prompt": "a digit", "digit": 12}\n', '"digit" must be a whole number 0..9'),
+    ]:
+        prompts.write_text(text)
+        assert cli.main(["batch", "--prompts", str(prompts), "--out", str(tmp_path / "run")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+    prompts.write_text("a cat\n")
+    arguments = ["batch", "--prompts", str(prompts), "--out", "x", "--digit", "4"]
+    assert (
+        cli.batch_targets(cli.read_prompts(prompts), cli.build_parser().parse_args(arguments), "digit-classifier")[0][
+            "digit"
+        ]
+        == 4
+    )  # --digit serves the prompts that name none
 
 
 def test_model_folder_without_model_index_is_explained(tmp_path, capsys):
@@ -222,10 +349,10 @@ def test_overwrite_refuses_the_filesystem_root_and_home(tmp_path, monkeypatch):
 
 
 def test_a_failure_mid_run_leaves_nothing_half_written(tmp_path, monkeypatch, model):
-    def broken_plot(*args, **kwargs):
+    def broken_grid(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(cli, "save_curve_plot", broken_plot)
+    monkeypatch.setattr(cli, "save_grid", broken_grid)
     arguments = ["generate", "--out", str(tmp_path / "run"), "--model", model, "--checkpoints", "1", *JPEG]
     with pytest.raises(RuntimeError, match="disk full"):
         cli.main([*arguments, *SMALL_RUN])
@@ -235,7 +362,8 @@ def test_a_failure_mid_run_leaves_nothing_half_written(tmp_path, monkeypatch, mo
 def test_prompt_files_take_lines_and_json_lines(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text('a cat\n\n{"prompt": "a handwritten digit", "digit": 3}\n')
-    assert cli.read_prompts(prompts) == [{"prompt": "a cat"}, {"prompt": "a handwritten digit", "digit": 3}]
+    expected = [{"prompt": "a cat", "line": 1}, {"prompt": "a handwritten digit", "digit": 3, "line": 3}]
+    assert cli.read_prompts(prompts) == expected
     prompts.write_text('{"digit": 3}\n')
     with pytest.raises(cli.CLIError, match='needs a "prompt"'):
         cli.read_prompts(prompts)
@@ -245,12 +373,15 @@ def test_two_process_batch_matches_one_process(tmp_path, model):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red square\na blue circle\na green line\n")
     common = ["batch", "--prompts", str(prompts), "--model", model, "--reward", "jpeg-compressibility"]
-    common += ["--steps", "8", "--nfe-budget", "32", "--num-images", "2", "--device", "cpu", "--seed", "5"]
-    single = run_dts(*common, "--out", str(tmp_path / "one"))
+    common += ["--steps", "8", "--nfe-budget", "32", "--num-images", "2", "--seed", "5"]
+    single = run_dts(*common, "--device", "cpu", "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     launcher = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29517"]
-    sharded = run_dts(*common, "--out", str(tmp_path / "two"), launcher=launcher)
+    sharded = run_dts(
+        *common, "--out", str(tmp_path / "two"), launcher=launcher
+    )  # as the README writes it: no --device
     assert sharded.returncode == 0, sharded.stderr
+    assert sharded.stdout.count("wrote ") == 1  # the main process, once summary.json is there
 
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert all((tmp_path / name / cli.RUN_MARKER).is_file() for name in ("one", "two"))
@@ -259,7 +390,7 @@ def test_two_process_batch_matches_one_process(tmp_path, model):
     assert [r["seed"] for r in one["records"]] == [5, 6, 7]
     assert len({tuple(r["rewards"]) for r in one["records"]}) == 3  # prompts and seeds differ, so results do
     for index in range(3):
-        a, b = (json.loads((tmp_path / n / "records" / f"prompt-{index:05d}.json").read_text()) for n in ("one", "two"))
+        a, b = (json.loads((tmp_path / n / f"prompt-{index:05d}" / "record.json").read_text()) for n in ("one", "two"))
         assert {**a["tree"], "timings": None} == {**b["tree"], "timings": None}
         for image in a["images"]:
             assert (tmp_path / "one" / image).read_bytes() == (tmp_path / "two" / image).read_bytes()
@@ -271,3 +402,155 @@ def test_sdxl_model_index_selects_the_xl_pipeline(tmp_path, model):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     assert cli.pipeline_class_for(str(tmp_path)) is DTSXLPipeline
     assert cli.pipeline_class_for(model) is DTSPipeline
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# where weights come from: errors at once, naming the CLI's flags
+# -------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and every way to the Hub failing the test if taken."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from dts_diffusers.rewards import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    for module, name in [
+        (huggingface_hub, "hf_hub_download"),
+        (huggingface_hub, "snapshot_download"),
+        (hub, "hf_hub_download"),
+    ]:
+        monkeypatch.setattr(module, name, never_called)
+    monkeypatch.setattr(cli, "load_pipeline", never_called)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "owner/not-cached", "--reward", "jpeg-compressibility"], "--model owner/not-cached: not in the"),
+        (["--model", "MODEL", "--reward", "clip"], "--reward-model openai/clip-vit-large-patch14: not in the Hugging"),
+        (["--model", "MODEL", "--reward", "clip", "--reward-model", "~/no/such/clip"], "no such folder: "),
+        (["--model", "./no/such/model", "--reward", "clip"], "--model ./no/such/model: no such folder: "),
+    ],
+)
+def test_offline_sources_fail_at_once_naming_the_flag(tmp_path, capsys, monkeypatch, model, no_hub, arguments, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    arguments = [model if argument == "MODEL" else argument for argument in arguments]
+    assert cli.main(["generate", "--out", str(tmp_path / "run"), "--prompt", "a cat", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "pretrained_model_name_or_path" not in error
+    if "not in the" in message:
+        assert "HF_HUB_OFFLINE is set" in error and ("hf download" in error or "pass them with --reward-model" in error)
+
+
+def test_an_unreachable_hub_fails_in_one_request(tmp_path, capsys, monkeypatch, model, no_hub):
+    from huggingface_hub import HfApi
+
+    requests = []
+
+    def unreachable(self, repo_id, **kwargs):
+        requests.append(repo_id)
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    arguments = ["generate", "--out", str(tmp_path / "run"), "--prompt", "a cat", "--reward", "clip"]
+    assert cli.main([*arguments, "--model", model]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "--reward-model openai/clip-vit-large-patch14: it is not in the Hugging Face cache and the Hub cannot" in error
+    )
+    assert requests == ["openai/clip-vit-large-patch14"]  # one request, no retries
+    requests.clear()
+    assert cli.main([*arguments, "--model", "owner/sd"]) == 2
+    assert "--model owner/sd: it is not in the Hugging Face cache" in capsys.readouterr().err
+    assert requests == ["owner/sd"]  # the model is checked first
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# dts batch: every prompt whole or absent, resume, lock
+# -------------------------------------------------------------------------------------------------------------------
+def batch_arguments(tmp_path: Path, model: str, *extra: str) -> list[str]:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\na blue circle\na green line\n")
+    return [
+        "batch", "--prompts", str(prompts), "--out", str(tmp_path / "batch"), "--model", model,
+        "--reward", "jpeg-compressibility", "--steps", "4", "--nfe-budget", "8", "--num-images", "2",
+        "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def pipeline_calls(monkeypatch) -> list[str]:
+    """The prompts the batch really ran, in order."""
+    calls: list[str] = []
+    load = cli.load_pipeline
+
+    def counting(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+
+        def call(prompt, **options):
+            calls.append(prompt)
+            return pipe(prompt, **options)
+
+        return call
+
+    monkeypatch.setattr(cli, "load_pipeline", counting)
+    return calls
+
+
+def test_a_failed_batch_keeps_finished_prompts_whole_and_resumes(tmp_path, monkeypatch, model, pipeline_calls):
+    out = tmp_path / "batch"
+    write = cli.write_json
+
+    def fail_on_the_second_prompt(path: Path, record: dict) -> None:
+        if record.get("index") == 1:
+            raise RuntimeError("disk full")
+        write(path, record)
+
+    monkeypatch.setattr(cli, "write_json", fail_on_the_second_prompt)
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.main(batch_arguments(tmp_path, model))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [cli.RUN_MARKER, cli.LOCK_FILE, cli.BATCH_SETTINGS, "prompt-00000"]
+    )
+    first = json.loads((out / "prompt-00000" / "record.json").read_text())
+    assert all((out / image).is_file() for image in first["images"]) and len(first["images"]) == 2
+    assert pipeline_calls == ["a red square", "a blue circle"]
+
+    monkeypatch.setattr(cli, "write_json", write)
+    pipeline_calls.clear()
+    assert cli.main(batch_arguments(tmp_path, model)) == 0
+    assert pipeline_calls == ["a blue circle", "a green line"]  # the finished prompt is not run again
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_prompts"] == 1 and [r["index"] for r in summary["records"]] == [0, 1, 2]
+    assert json.loads((out / "prompt-00000" / "record.json").read_text()) == first
+
+    pipeline_calls.clear()
+    assert cli.main(batch_arguments(tmp_path, model)) == 0 and pipeline_calls == []  # all done: nothing to run
+    assert not [p for p in out.iterdir() if p.name.endswith(cli.PARTIAL)]
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, capsys, model, pipeline_calls):
+    assert cli.main(batch_arguments(tmp_path, model)) == 0
+    pipeline_calls.clear()
+    assert cli.main(batch_arguments(tmp_path, model, "--seed", "1")) == 2
+    assert "other settings (they differ in: seed)" in capsys.readouterr().err
+    assert cli.main(batch_arguments(tmp_path, model, "--seed", "1", "--overwrite")) == 0  # starts afresh
+    assert len(pipeline_calls) == 3
+    assert json.loads((tmp_path / "batch" / "summary.json").read_text())["resumed_prompts"] == 0
+
+
+def test_a_batch_folder_is_locked_against_a_second_run(tmp_path, capsys, model, pipeline_calls):
+    out = tmp_path / "batch"
+    assert cli.main(batch_arguments(tmp_path, model)) == 0
+    lock = cli.FolderLock(out)  # a live run holds the folder
+    try:
+        assert cli.main(batch_arguments(tmp_path, model)) == 2
+        assert f"is being written by another dts batch (pid {os.getpid()} on" in capsys.readouterr().err
+    finally:
+        lock.release()
+    (out / cli.LOCK_FILE).write_text("pid 999999999 on a-dead-host\n")  # a run that died: its lock is taken over
+    assert cli.main(batch_arguments(tmp_path, model)) == 0
+    assert (out / cli.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
