@@ -245,6 +245,18 @@ def train_diffusion(latent_means, latent_stds, scaling_factor, labels, tokenizer
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), losses
 
 
+def prefix_text_encoder_keys(path: Path) -> None:
+    """transformers 5 saves CLIPTextModel without the `text_model.` prefix, which transformers 4 then silently skips
+    (a random text encoder); the prefixed form, the hub's own, loads under both."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    state = load_file(path)
+    save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, path, metadata)
+
+
 def save_pipeline(out_dir: Path, vae, text_encoder, unet, tokenizer_dir: Path) -> None:
     """Save a StableDiffusionPipeline (safetensors) with our own vocab.json/merges.txt tokenizer, then swap it in."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -263,6 +275,7 @@ def save_pipeline(out_dir: Path, vae, text_encoder, unet, tokenizer_dir: Path) -
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
+        prefix_text_encoder_keys(staging / "text_encoder" / "model.safetensors")
         shutil.rmtree(staging / "tokenizer")
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
         staging.chmod(0o755)

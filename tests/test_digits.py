@@ -126,3 +126,16 @@ def test_shipped_weights_stay_under_20_megabytes():
     total = sum(path.stat().st_size for path in digits.ASSETS_DIR.rglob("*") if path.is_file())
     assert total < 20 * 2**20
     assert RECORD["shipped_bytes_total"] < 20 * 2**20
+
+
+def test_every_bundled_weight_loads_into_its_module():
+    """A checkpoint key the loader does not expect is skipped with only a log line, leaving a random module: the text
+    encoder saved by transformers 5 without its `text_model.` prefix loaded that way under transformers 4."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = digits.bundled_model_path()
+    _, info = CLIPTextModel.from_pretrained(folder / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _, info = UNet2DConditionModel.from_pretrained(folder / "unet", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
