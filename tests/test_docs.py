@@ -64,6 +64,15 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert setup_commands()[0].startswith(setup_commands()[1].split(" && python -m pytest")[0])
 
 
+def test_the_readme_main_job_runs(tmp_path):
+    main_job = setup_commands()[0].split(" && ")[-1]
+    assert main_job.startswith("dts generate ")
+    result = run_python(["-m", "dts_diffusers.cli", *main_job.split()[1:]], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / main_job.split("--out ")[1].split()[0]
+    assert (out / "comparison.png").is_file() and any(out.glob("*.json"))
+
+
 def test_the_hpsv2_block_pins_the_torchvision_of_this_torch():
     block = next(code for code in BASH_BLOCKS if "torchvision" in code)
     stubbed = f'pip() {{ echo "pip $*"; }}\nPATH="{Path(sys.executable).parent}:$PATH"\n{block}'
