@@ -204,14 +204,21 @@ def markdown(sampling: dict, search: dict, found: dict, args) -> str:
             lambda p: f"{p['fid']:.3g} / {p['judge_accuracy']:.2f} / {p['diversity']:.3g}",
         ),
         "",
-        "Search (reward: the digit's logit), ranked by the best reward found (cell: best reward / judge accuracy of "
-        "the drawn images):",
+        "Search (reward: the digit's logit), ranked by the best reward found (cell: best reward / mean reward / judge "
+        "accuracy of the returned images):",
         "",
         *ranking_table(
-            search, shown, "best_reward", False, lambda p: f"{p['best_reward']:.2f} / {p['judge_accuracy']:.2f}"
+            search,
+            shown,
+            "best_reward",
+            False,
+            lambda p: f"{p['best_reward']:.2f} / {p['mean_reward']:.2f} / {p['judge_accuracy']:.2f}",
         ),
         "",
     ]
+    if "DTS*" in search:  # anytime: the tree grows across budgets, so its returned images should only get better
+        means = ", ".join(f"{budget}: {point['mean_reward']:.2f}" for budget, point in search["DTS*"].items())
+        lines += [f"- DTS*'s mean reward of the returned images by NFE (one growing tree): {means}.", ""]
     if "fid" in found:
         fid = found["fid"]
         matched = (
@@ -240,24 +247,33 @@ def markdown(sampling: dict, search: dict, found: dict, args) -> str:
 
 def plot(sampling: dict, search: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(sampling, "fid", "sampling: FID (judge features) ↓"), (sampling, "judge_accuracy", "sampling: judge "
-              "accuracy ↑"), (sampling, "diversity", "sampling: diversity"), (search, "best_reward", "search: best "
-              "logit found ↑")]  # fmt: skip
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
-    for axis, (table, key, title) in zip(axes, panels, strict=True):
+    panels = [
+        (sampling, "fid", "sampling: FID (judge features) ↓"),
+        (sampling, "judge_accuracy", "sampling: judge accuracy ↑"),
+        (sampling, "diversity", "sampling: diversity"),
+        (search, "best_reward", "search: best logit found ↑"),
+        (search, "mean_reward", "search: mean logit of the returned images ↑"),
+    ]
+    panels = [panel for panel in panels if panel[0]]  # only the tasks that ran
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for axis, (table, key, title) in zip(axes[0], panels, strict=True):
         for label, curve in table.items():
             points = list(curve.values())
             axis.plot([p["nfe"] for p in points], [p[key] for p in points], "o-", label=label, markersize=3)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short decade
         axis.set_xlabel("NFE")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    axes[-1].legend(fontsize=7)
+    for table in (sampling, search):  # one legend per task, on its first panel
+        first = next((axis for axis, panel in zip(axes[0], panels, strict=True) if panel[0] is table), None)
+        if first is not None:
+            first.legend(fontsize=7)
     figure.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     figure.savefig(tmp, dpi=120)
@@ -278,7 +294,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke test, not results")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="rewrite the tables and plot of an earlier run's JSON, run nothing"
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        record = json.loads(args.from_json.read_text())
+        settings = argparse.Namespace(**record["settings"])
+        sampling, search = aggregate(record["rows"], "sampling"), aggregate(record["rows"], "search")
+        report = markdown(sampling, search, claims(sampling, search, settings.budgets[-1]), settings)
+        write_atomically(args.out / f"{args.from_json.stem}.md", report + "\n")
+        plot(sampling, search, args.out / f"{args.from_json.stem}.png")
+        print(report)
+        return
     if args.quick:
         args.digits, args.seeds, args.budgets, args.draws = args.digits[:1], args.seeds[:1], [40, 80, 120], 8
     torch.manual_seed(0)
