@@ -293,7 +293,7 @@ def test_classifier_reward_errors():
     reward = load_reward("classifier", classifier=TinyClassifier(), target=12)
     with pytest.raises(ValueError, match="target class 12 in range"):
         reward(torch.rand(1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"needs digit=<0..9>"):
+    with pytest.raises(ValueError, match=r"needs the target digit, an integer 0..9 \(got 11\)"):
         load_reward("digit-classifier", digit=11)
 
 
@@ -379,3 +379,23 @@ def test_digit_classifier_reward_can_score_the_logit(monkeypatch):
     torch.testing.assert_close(reward(images), module(images)[:, 2])
     with pytest.raises(ValueError, match="output must be one of"):
         load_reward("digit-classifier", digit=2, output="margin")
+
+
+def test_load_reward_takes_any_reward_like_value_as_the_readme_says():
+    def brightness(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    images = torch.rand(3, 3, 8, 8)
+    from_callable = load_reward(brightness)
+    assert isinstance(from_callable, CallableReward)
+    torch.testing.assert_close(from_callable(images, ["a"] * 3), images.mean(dim=(1, 2, 3)))
+    existing = as_reward(brightness)
+    assert load_reward(existing) is existing
+    with pytest.raises(TypeError, match="cannot use int as a reward"):
+        load_reward(3)
+
+
+@pytest.mark.parametrize("digit", [None, 10, True, 2.5])
+def test_digit_classifier_by_name_without_a_digit_names_the_fix(digit):
+    with pytest.raises(ValueError, match=r"needs the target digit.*load_reward\('digit-classifier', digit=3\)"):
+        load_reward("digit-classifier", digit=digit)

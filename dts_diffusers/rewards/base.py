@@ -179,17 +179,22 @@ def reward_loader(name: str) -> Callable[..., Reward]:
 
 
 def load_reward(
-    name: str | Mapping[str, float],
+    name: RewardLike,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     differentiable: bool = False,
     **kwargs,
 ) -> Reward:
-    """Build a reward by name, or a weighted sum from `{"image-reward": 1.0, "aesthetic": 0.1}`.
+    """Build a reward by name, or a weighted sum from `{"image-reward": 1.0, "aesthetic": 0.1}`; a `Reward` or a
+    callable `(images, prompts) -> Tensor[B]` is wrapped as `as_reward` does, so any reward-like value works here.
 
     `kwargs` go to the reward's loader (e.g. `pretrained_model_name_or_path=` for a local copy of the weights);
     a weighted sum takes per-term kwargs as `{name: {...}}` under `reward_kwargs=`.
     """
+    if not isinstance(name, (str, Mapping)):
+        reward = as_reward(name, device=device, dtype=dtype, **kwargs)
+        reward.differentiable = differentiable or reward.differentiable
+        return reward
     if isinstance(name, Mapping):
         per_term = kwargs.pop("reward_kwargs", {})
         if kwargs:

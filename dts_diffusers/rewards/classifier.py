@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import numbers
 import os
 import re
 import zipfile
@@ -215,8 +216,12 @@ def load_digit_reward(
 
     `output="logit"` gives the digit's logit instead, which keeps rising where log p saturates at 0 (search tasks).
     """
-    if digit is None or not 0 <= int(digit) <= 9:
-        raise ValueError(f"the 'digit-classifier' reward needs digit=<0..9> (got {digit!r})")
+    if isinstance(digit, bool) or not isinstance(digit, numbers.Integral) or not 0 <= int(digit) <= 9:
+        raise ValueError(
+            f"the 'digit-classifier' reward needs the target digit, an integer 0..9 (got {digit!r}): build it with "
+            "load_reward('digit-classifier', digit=3) and pass that object as reward= (from the command line: "
+            "--digit 3, or a prompt that names the digit)"
+        )
     from dts_diffusers.digits import load_digit_classifier
 
     reward = ClassifierReward(load_digit_classifier(which=which, device=device).eval(), int(digit), output)
