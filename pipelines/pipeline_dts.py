@@ -113,14 +113,16 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, c_uct=c_uct,
             rollout_batch_size=rollout_batch_size, vae_batch_size=vae_batch_size,
-            latent_cache_bytes=latent_cache_bytes, output_type=output_type,
+            latent_cache_bytes=latent_cache_bytes, latent_cache_device=latent_cache_device, output_type=output_type,
             tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
         )  # fmt: skip
+        batch = self._check_prompt_inputs(
+            prompt, prompt_embeds, negative_prompt_embeds, clip_skip, cross_attention_kwargs
+        )
         self.check_inputs(
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds,
             callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip
-        batch = self._check_embeddings(prompt, prompt_embeds, negative_prompt_embeds)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip

@@ -138,6 +138,16 @@ def check_real(name: str, value, fix: str, minimum: float | None = None, strict:
     return value
 
 
+def check_device(name: str, device) -> torch.device:
+    """A device this machine has: torch only finds out when it first allocates there, mid-search."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+        raise ValueError(f"{name}={device!r} is not a usable device here ({error}); e.g. 'cpu' or 'cuda'") from None
+    return device
+
+
 def check_generator(generator, num_prompts: int, num_images_per_prompt: int) -> None:
     """One generator, or one per prompt: a prompt's images all come from one tree, seeded once."""
     generators = generator if isinstance(generator, list) else [generator]
@@ -269,6 +279,7 @@ class TreeSearchMixin:
         rollout_batch_size,
         vae_batch_size,
         latent_cache_bytes,
+        latent_cache_device,
         output_type,
         tensor_inputs,
         callback,
@@ -315,6 +326,8 @@ class TreeSearchMixin:
         check_integer("vae_batch_size", vae_batch_size, "latents decoded together, e.g. 4")
         if latent_cache_bytes is not None:
             check_integer("latent_cache_bytes", latent_cache_bytes, "a bound in bytes, or None for no bound")
+        if latent_cache_device is not None:
+            check_device("latent_cache_device", latent_cache_device)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {output_type!r})")
         if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
@@ -334,14 +347,23 @@ class TreeSearchMixin:
             )
         return list(tensor_inputs)
 
-    def _check_embeddings(self, prompt, prompt_embeds, negative_prompt_embeds) -> int:
-        """The number of prompts; embeddings must be [prompts, tokens, the UNet's cross-attention width]."""
-        if prompt_embeds is None:
-            if isinstance(prompt, str):
-                return 1
-            if not prompt or not all(isinstance(text, str) for text in prompt):
-                raise ValueError(f"prompt must be a string or a non-empty list of strings (got {prompt!r})")
-            return len(prompt)
+    def _check_prompt_inputs(self, prompt, prompt_embeds, negative_prompt_embeds, clip_skip, attention_kwargs) -> int:
+        """The number of prompts; embeddings must be [prompts, tokens, the UNet's cross-attention width]. Checked
+        before diffusers' `check_inputs`, which reads `.shape` of whatever it is given."""
+        if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
+            raise TypeError(f"cross_attention_kwargs must be a dict or None (got {type(attention_kwargs).__name__})")
+        if clip_skip is not None:
+            layers = self.text_encoder.config.num_hidden_layers if self.text_encoder is not None else None
+            check_integer("clip_skip", clip_skip, "the text encoder layers to skip from the end; 0 or None skips none",
+                          minimum=0)  # fmt: skip
+            if layers is not None and clip_skip >= layers:
+                raise ValueError(f"clip_skip must be below the text encoder's {layers} layers (got {clip_skip})")
+            if self.text_encoder is not None and not hasattr(self.text_encoder, "text_model"):
+                raise ValueError(
+                    f"clip_skip= needs {type(self.text_encoder).__name__}.text_model, which diffusers' encode_prompt "
+                    "reads and this transformers version does not have; encode with clip_skip yourself and pass "
+                    "prompt_embeds=, or leave clip_skip=None"
+                )
         width = self.unet.config.cross_attention_dim
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is None:
@@ -353,7 +375,15 @@ class TreeSearchMixin:
                     f"{name} must be shaped [prompts, tokens, {width}] (the UNet's cross_attention_dim) "
                     f"(got {tuple(embeds.shape)}); encode the prompts with pipe.encode_prompt"
                 )
-        return prompt_embeds.shape[0]
+        if prompt_embeds is not None:
+            return prompt_embeds.shape[0]
+        if isinstance(prompt, str):
+            return 1
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(text, str) for text in prompt):
+            raise ValueError(
+                f"pass prompt= as a string or a non-empty list of strings, or prompt_embeds= (got prompt={prompt!r})"
+            )
+        return len(prompt)
 
     def _tree_scheduler(self):
         """The pipeline's scheduler if its step is stochastic; otherwise DDIM (the paper's choice) from its config."""
