@@ -24,6 +24,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
     setting, eta=1), with a warning.
     """
 
+    _clip_skip_reads_text_model = True
+
     @torch.no_grad()
     def __call__(
         self,

@@ -260,6 +260,7 @@ class TreeSearchMixin:
     """Shared machinery of the DTS pipelines; mixed in before the diffusers pipeline class."""
 
     _upcast_fp16_vae = False  # the SDXL VAE overflows in fp16 (its config says force_upcast)
+    _clip_skip_reads_text_model = False  # StableDiffusionPipeline.encode_prompt applies text_model.final_layer_norm
 
     def _check_tree_inputs(
         self,
@@ -353,16 +354,17 @@ class TreeSearchMixin:
         if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
             raise TypeError(f"cross_attention_kwargs must be a dict or None (got {type(attention_kwargs).__name__})")
         if clip_skip is not None:
-            layers = self.text_encoder.config.num_hidden_layers if self.text_encoder is not None else None
-            check_integer("clip_skip", clip_skip, "the text encoder layers to skip from the end; 0 or None skips none",
+            check_integer("clip_skip", clip_skip, "the text encoder layers to skip from the end; None skips none",
                           minimum=0)  # fmt: skip
+            encoders = [e for e in (self.text_encoder, getattr(self, "text_encoder_2", None)) if e is not None]
+            layers = min((encoder.config.num_hidden_layers for encoder in encoders), default=None)
             if layers is not None and clip_skip >= layers:
                 raise ValueError(f"clip_skip must be below the text encoder's {layers} layers (got {clip_skip})")
-            if self.text_encoder is not None and not hasattr(self.text_encoder, "text_model"):
+            if self._clip_skip_reads_text_model and encoders and not hasattr(encoders[0], "text_model"):
                 raise ValueError(
-                    f"clip_skip= needs {type(self.text_encoder).__name__}.text_model, which diffusers' encode_prompt "
-                    "reads and this transformers version does not have; encode with clip_skip yourself and pass "
-                    "prompt_embeds=, or leave clip_skip=None"
+                    f"clip_skip= needs {type(encoders[0]).__name__}.text_model, which StableDiffusionPipeline's "
+                    "encode_prompt reads and this transformers version does not have; encode with clip_skip yourself "
+                    "and pass prompt_embeds=, or leave clip_skip=None"
                 )
         width = self.unet.config.cross_attention_dim
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):

@@ -647,3 +647,18 @@ def test_rows_do_not_depend_on_batch_composition_through_the_unet(pipe):
     torch.testing.assert_close(x0_together[1:2], x0_alone, atol=1e-4, rtol=1e-4)
     other_noise = transition(x[1:2], STEPS, row_generators([4]))
     assert (other_noise - alone).abs().max() > 1e-2  # the tolerance is far below what another row's noise changes
+
+
+def test_clip_skip_takes_effect_or_says_why_not(pipe, xl_path):
+    xl = DTSXLPipeline.from_pretrained(xl_path)
+    xl.set_progress_bar_config(disable=True)
+    assert not torch.allclose(run(xl, output_type="latent").images, run(xl, output_type="latent", clip_skip=1).images)
+    with pytest.raises(ValueError, match="clip_skip must be below the text encoder's 2 layers"):
+        run(xl, clip_skip=2)
+    if hasattr(pipe.text_encoder, "text_model"):
+        assert not torch.allclose(
+            run(pipe, output_type="latent").images, run(pipe, output_type="latent", clip_skip=1).images
+        )
+    else:  # transformers 5's CLIPTextModel has no text_model, which StableDiffusionPipeline.encode_prompt reads
+        with pytest.raises(ValueError, match=r"clip_skip= needs CLIPTextModel\.text_model"):
+            run(pipe, clip_skip=1)
