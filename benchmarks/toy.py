@@ -473,7 +473,9 @@ def markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------
-def run_sampling_task(name: str, budgets: list[int], seeds: int, draws: int, clock: float) -> dict:
+def run_sampling_task(
+    name: str, budgets: list[int], seeds: int, draws: int, clock: float, samplers: dict = SAMPLERS
+) -> dict:
     task = SAMPLING_TASKS[name][0]()
     key = distance_key(task)
     reference = task.target_samples(draws, 0)
@@ -484,8 +486,8 @@ def run_sampling_task(name: str, budgets: list[int], seeds: int, draws: int, clo
 
     rows = []
     for seed in range(seeds):
-        for label in SAMPLERS:
-            new, _ = run_method(task, SAMPLERS, label, budgets, seed, measure)
+        for label in samplers:
+            new, _ = run_method(task, samplers, label, budgets, seed, measure)
             rows += new
             last = new[-1]
             mass = f", mass {last['high_mode_mass']:.3f}" if "high_mode_mass" in last else ""
@@ -569,6 +571,15 @@ def save(report: dict, out: Path, name: str) -> str:
     return table
 
 
+def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
+    """'LABEL=METHOD[:JSON options]' -> (label, (method, options)), for side-by-side design experiments."""
+    head, brace, options = spec.partition(":{")
+    label, _, method = head.rpartition("=")  # the label may hold "=" (β=1), the method name does not
+    if not label or not method:
+        raise SystemExit(f"--sampler {spec!r}: expected LABEL=METHOD[:JSON options]")
+    return label, (method, json.loads("{" + options) if brace else {})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a smoke test, not results")
@@ -581,6 +592,13 @@ def main() -> None:
     parser.add_argument(
         "--from-json", type=Path, nargs="+", help="merge saved reports and rebuild the tables and plot, running nothing"
     )
+    parser.add_argument("--budgets", type=int, nargs="+", help="replace the tasks' budgets (design experiments)")
+    parser.add_argument(
+        "--sampler",
+        action="append",
+        metavar="LABEL=METHOD[:JSON]",
+        help="run these samplers instead of the default set, e.g. 'DTS (β=1)=dts:{\"level_cost_exponent\": 1}'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -591,16 +609,17 @@ def main() -> None:
         print(table)
         return
 
+    samplers = dict(map(parse_sampler, args.sampler)) if args.sampler else SAMPLERS
     seeds = 1 if args.quick else args.seeds
     draws = 300 if args.quick else args.draws
     report = empty_report(seeds, draws, args.quick)
     clock = time.perf_counter()
     for task in args.tasks:
         if task in SAMPLING_TASKS:
-            budgets = QUICK_BUDGETS if args.quick else SAMPLING_TASKS[task][1]
-            report["sampling"][task] = run_sampling_task(task, budgets, seeds, draws, clock)
+            budgets = args.budgets or (QUICK_BUDGETS if args.quick else SAMPLING_TASKS[task][1])
+            report["sampling"][task] = run_sampling_task(task, budgets, seeds, draws, clock, samplers)
         elif task in SEARCH_TASKS:
-            budgets = QUICK_BUDGETS if args.quick else SEARCH_TASKS[task][1]
+            budgets = args.budgets or (QUICK_BUDGETS if args.quick else SEARCH_TASKS[task][1])
             report["search"][task] = run_search_task(task, budgets, seeds, clock)
         else:
             nodes = args.engine_nodes or ((2_000, 10_000) if args.quick else ENGINE_NODES)

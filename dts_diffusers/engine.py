@@ -144,6 +144,8 @@ class DTS:
     - ``"frontier"`` (default): each iteration expands the level (x_T seeds included) with the fewest expansions, at
       the node of that level furthest below its share of them, shares ∝ m(n) = m(parent)·exp(κ·λ·Δh)/K(parent):
       SMC's resampling carried out over time, with the tree's reuse (rollouts start at every level).
+      ``level_cost_exponent`` β makes the levels' shares of expansions ∝ cost^-β (a child at level ℓ costs ℓ NFE):
+      0 gives every level equal counts, 1 equal NFE.
     - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
       ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
 
@@ -180,6 +182,7 @@ class DTS:
         guide_trust: float | None = None,
         search_greed: float = 4.0,
         search_backup: str = "max",
+        level_cost_exponent: float = 0.0,
         batch_size: int = 16,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -200,6 +203,9 @@ class DTS:
             raise TypeError(f"widening must be a Widening or a preset name (got {type(widening).__name__})")
         if c_uct < 0 or search_greed < 0:
             raise ValueError(f"c_uct and search_greed must be >= 0 (got {c_uct}, {search_greed})")
+        if not 0 <= level_cost_exponent <= 1:
+            raise ValueError(f"level_cost_exponent must lie in [0, 1] (got {level_cost_exponent})")
+        self.level_cost_exponent = level_cost_exponent
         if search_backup not in ("max", "soft"):
             raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -305,8 +311,9 @@ class DTS:
     def sample(self, n: int, return_rewards: bool = False):
         """`n` terminal states drawn from the tree with no model call (latent replays aside).
 
-        Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (all its leaves
-        are then repeated in rank order); `last_draw_distinct` (also in `stats()`) counts the distinct leaves of the last draw."""
+        Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (all its
+        leaves are then repeated in rank order); `last_draw_distinct` (also in `stats()`) counts the distinct leaves
+        of the last draw."""
         if self.iterations == 0:
             raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
         if self.mode == "search":
@@ -426,7 +433,9 @@ class DTS:
         tree = self.tree
         open_levels = [self.num_steps + 1, *rows_by_level]
         counts = self._expansions_by_level
-        level = min(open_levels, key=lambda lv: counts.get(lv, 0))
+        # a new child at level ℓ costs ℓ NFE (a new x_T seed: the whole chain); level shares ∝ cost^-β, β = 0 equal
+        beta = self.level_cost_exponent
+        level = min(open_levels, key=lambda lv: (counts.get(lv, 0) + 1) * min(lv, self.num_steps) ** beta)
         counts[level] = counts.get(level, 0) + 1
         node = ROOT
         if level <= self.num_steps:
