@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import inspect
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -66,6 +67,34 @@ def check_finite_rewards(rewards: torch.Tensor, n: int) -> torch.Tensor:
     if not torch.isfinite(rewards).all():
         raise ValueError("reward returned NaN or infinite values; make the reward finite (clamp it or fix its input)")
     return rewards
+
+
+def call_prior(prior: Prior, n: int, generators: list[torch.Generator], shape: tuple | None) -> torch.Tensor:
+    """One checked prior draw: a tensor of n rows, each shaped like the earlier draws (`shape`, None at the first)."""
+    x = prior(n, generators)
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] != n:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"prior(n, generators) must return a tensor of n = {n} rows (got {got})")
+    if shape is not None and tuple(x.shape[1:]) != shape:
+        raise ValueError(f"prior returned rows shaped {tuple(x.shape[1:])}, earlier draws were {shape}")
+    return x
+
+
+def as_device(value, name: str) -> torch.device | None:
+    """`torch.device(value)` with a ValueError that names the argument (torch raises RuntimeError)."""
+    if value is None:
+        return None
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0' (got {value!r})") from error
+
+
+def positive_int(value, name: str) -> int:
+    """A positive integer (numpy integers too, bools not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (got {value!r})")
+    return int(value)
 
 
 def call_transition(
@@ -189,8 +218,7 @@ class DTS:
         latent_device: torch.device | str | None = None,
         latent_budget_bytes: int | None = None,
     ):
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer (got {num_steps!r})")
+        num_steps = positive_int(num_steps, "num_steps")
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*) (got {mode!r})")
         if estimator not in ESTIMATORS:
@@ -201,15 +229,14 @@ class DTS:
             widening = WIDENINGS[widening]
         if not isinstance(widening, Widening):
             raise TypeError(f"widening must be a Widening or a preset name (got {type(widening).__name__})")
-        if c_uct < 0 or search_greed < 0:
-            raise ValueError(f"c_uct and search_greed must be >= 0 (got {c_uct}, {search_greed})")
+        if not (0 <= c_uct < math.inf and 0 <= search_greed < math.inf):
+            raise ValueError(f"c_uct and search_greed must be finite and >= 0 (got {c_uct}, {search_greed})")
         if not 0 <= level_cost_exponent <= 1:
             raise ValueError(f"level_cost_exponent must lie in [0, 1] (got {level_cost_exponent})")
         self.level_cost_exponent = level_cost_exponent
         if search_backup not in ("max", "soft"):
             raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
+        batch_size = positive_int(batch_size, "batch_size")
         if latent_budget_bytes is not None and latent_budget_bytes <= 0:
             raise ValueError(f"latent_budget_bytes must be positive or None for no limit (got {latent_budget_bytes})")
         levels = default_branch_levels(num_steps) if branch_levels is None else [int(b) for b in branch_levels]
@@ -250,9 +277,11 @@ class DTS:
             )
         self.batch_size = batch_size
         self.seed = seed
-        self.device = torch.device(device) if device is not None else None
+        self.device = as_device(device, "device")
         self.tree = TreeArrays(root_level=num_steps + 1)
-        self.store = LatentStore(torch.device(latent_device or device or "cpu"), latent_budget_bytes)
+        self.store = LatentStore(
+            as_device(latent_device, "latent_device") or self.device or torch.device("cpu"), latent_budget_bytes
+        )
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._queue: list[_Item] = []
         self._nfe_target = 0
@@ -263,6 +292,7 @@ class DTS:
         self.guide_evals = 0
         self.iterations = 0
         self._nfe_by_level = np.zeros(num_steps + 2, dtype=np.int64)
+        self._state_shape: tuple | None = None  # the prior's row shape, fixed by its first draw
         self._expansions_by_level: dict[int, int] = {}
         self.last_draw_distinct: int | None = None
         self.timings = Timings()
@@ -569,7 +599,9 @@ class DTS:
         if from_prior:
             first = [items[i].new_nodes[0] for i in from_prior]
             t0 = time.perf_counter()
-            parts.append(self.prior(len(first), row_generators(tree.seed_np[first])))
+            drawn = call_prior(self.prior, len(first), row_generators(tree.seed_np[first]), self._state_shape)
+            self._state_shape = tuple(drawn.shape[1:])
+            parts.append(drawn)
             self.timings.transition += time.perf_counter() - t0
             order += from_prior
         if from_node:
@@ -644,7 +676,7 @@ class DTS:
             chain.append(int(tree.parent_np[chain[-1]]))
         top = chain.pop()
         if tree.slot_np[top] == NO_SLOT:  # an x_T node: redraw it from its seed, no NFE
-            x = self.prior(1, row_generators([tree.seed_np[top]]))
+            x = call_prior(self.prior, 1, row_generators([tree.seed_np[top]]), self._state_shape)
         else:
             x = self.store.get([int(tree.slot_np[top])])
         x = x.to(self._compute_device(x))

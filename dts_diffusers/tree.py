@@ -63,8 +63,10 @@ class Widening:
 
     def __post_init__(self):
         alphas = (self.alpha_root, self.alpha_top, self.alpha_bottom)
-        if self.c <= 0 or not all(0 < a <= 1 for a in alphas):
-            raise ValueError(f"widening needs c > 0 and every alpha in (0, 1] (got {self})")
+        # below c = 0.1 a node needs over 10^(1/α) visits for its second child; until then every visit descends to
+        # an existing leaf and spends no NFE, so a budget is never reached
+        if not 0.1 <= self.c < math.inf or not all(0 < a <= 1 for a in alphas):
+            raise ValueError(f"widening needs 0.1 <= c < inf and every alpha in (0, 1] (got {self})")
 
     @classmethod
     def uniform(cls, c: float, alpha: float) -> Widening:

@@ -146,21 +146,38 @@ def test_engine_refuses_bad_inputs_with_value_or_type_errors():
     assert not failures, "\n".join(f"{d!r}: {f}" for d, f in failures)
 
 
-KNOWN_ENGINE_GAPS = {  # bad inputs on which DTS raises another exception type; strict xfail until engine.py checks
-    "device='nope'": lambda: DTS(prior, transition, reward, NUM_STEPS, device="nope"),  # RuntimeError from torch.device
+def _shape_changing_prior():
+    calls = iter([(2,), (3,)])
+    return lambda n, generators: torch.zeros(n, *next(calls))
+
+
+ENGINE_INPUT_CHECKS = {  # inputs torch or the engine once failed on with another exception type, or never finished
+    "device='nope'": lambda: DTS(prior, transition, reward, NUM_STEPS, device="nope"),
     "device=''": lambda: DTS(prior, transition, reward, NUM_STEPS, device=""),
     "device=-1": lambda: DTS(prior, transition, reward, NUM_STEPS, device=-1),
     "latent_device='nope'": lambda: DTS(prior, transition, reward, NUM_STEPS, latent_device="nope"),
     "prior returns a list": lambda: DTS(lambda n, g: [0.0] * n, transition, reward, NUM_STEPS).run(12),
-    "prior returns another shape": lambda: DTS(lambda n, g: torch.zeros(n, 3), transition, reward, NUM_STEPS).run(12),
+    "prior returns n + 1 rows": lambda: DTS(lambda n, g: torch.zeros(n + 1, 2), transition, reward, NUM_STEPS).run(12),
+    "prior changes its row shape": lambda: DTS(
+        _shape_changing_prior(), transition, reward, NUM_STEPS, batch_size=1, estimator="paper", widening="paper"
+    ).run(40),
+    "c_uct=nan": lambda: DTS(prior, transition, reward, NUM_STEPS, c_uct=math.nan),
+    "search_greed=nan": lambda: DTS(prior, transition, reward, NUM_STEPS, search_greed=math.nan),
+    "Widening(c=1e-9) (hung)": lambda: DTS(prior, transition, reward, NUM_STEPS, widening=Widening(c=1e-9)),
 }
 
 
-@pytest.mark.xfail(raises=(RuntimeError, AttributeError), strict=True, reason="engine.py does not check it yet")
-@pytest.mark.parametrize("case", KNOWN_ENGINE_GAPS)
-def test_known_engine_gaps(case):
-    with pytest.raises((ValueError, TypeError)):
-        KNOWN_ENGINE_GAPS[case]()
+@pytest.mark.parametrize("case", ENGINE_INPUT_CHECKS)
+def test_engine_input_checks(case):
+    with pytest.raises((ValueError, TypeError)) as error:
+        ENGINE_INPUT_CHECKS[case]()
+    assert str(error.value), "the error says what is wrong"
+
+
+def test_numpy_integers_are_integers_to_the_engine():
+    dts = DTS(prior, transition, reward, np.int64(NUM_STEPS), batch_size=np.int32(3)).run(np.int64(24))
+    plain = DTS(prior, transition, reward, NUM_STEPS, batch_size=3).run(24)
+    assert dts.num_steps == NUM_STEPS and dts.batch_size == 3 and 0 < dts.nfe == plain.nfe <= 24
 
 
 @pytest.fixture(scope="module")
