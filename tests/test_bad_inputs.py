@@ -270,3 +270,47 @@ def test_pipeline_refuses_bad_inputs_with_value_or_type_errors(pipe):
         description, call = pipeline_trial(rng, pipe, bad)
         attempt(failures, description, call)
     assert not failures, "\n".join(f"{d!r}: {f}" for d, f in failures)
+
+
+CLI_BAD_VALUES = {  # flag -> values argparse or the CLI's checks must refuse before any model loads
+    "--lam": ["nan", "-1", "inf", "x", ""],
+    "--nfe-budget": ["0", "-20", "1.5", "lots"],
+    "--num-images": ["0", "-1", "two"],
+    "--steps": ["0", "-3", "2.5"],
+    "--rollout-batch-size": ["0", "-1", "nan"],
+    "--branch-every": ["0", "-2"],
+    "--guidance-scale": ["inf", "nan", "g"],
+    "--mode": ["sampling", "best", ""],
+    "--method": ["dts**", "none", "DTS"],
+    "--seed": ["1.5", "seed"],
+    "--dtype": ["float8", "half"],
+    "--method-option": ["no_equals", "=1"],
+}
+CLI_GOOD = {"--lam": "1", "--nfe-budget": "40", "--num-images": "2", "--steps": "4", "--rollout-batch-size": "2"}
+
+
+def test_random_bad_command_lines_fail_with_exit_2_and_write_nothing(tmp_path, capsys, monkeypatch):
+    import dts_diffusers.cli as cli
+
+    def never_called(*args, **kwargs):
+        raise AssertionError("a model was loaded for a command line known to be wrong")
+
+    monkeypatch.setattr(cli, "load_pipeline", never_called)
+    rng = random.Random(0)
+    failures = []
+    for trial in range(120):
+        bad = rng.sample(sorted(CLI_BAD_VALUES), rng.randint(1, 3))
+        flags = dict(CLI_GOOD) | {flag: rng.choice(CLI_BAD_VALUES[flag]) for flag in bad}
+        out = tmp_path / f"run-{trial}"
+        argv = ["generate", "--out", str(out), *(part for flag, value in flags.items() for part in (flag, value))]
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:  # argparse refuses a value it cannot parse
+            code = exit_.code
+        except Exception as error:  # the property: no other way out
+            code = f"{type(error).__name__}: {error}"
+        message = capsys.readouterr().err
+        if code != 2 or "error" not in message or out.exists():
+            failures.append((argv, code, message[-300:]))
+    assert not failures, "\n".join(map(repr, failures[:5]))
+    assert list(tmp_path.iterdir()) == []
