@@ -24,33 +24,13 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from dts_diffusers.defaults import BUNDLED_MODEL_DIR, STABLE_DIFFUSION, RunDefaults, model_defaults
 
-@dataclass(frozen=True)
-class RunDefaults:
-    """What a run uses for every flag left out, per model: the bundled digits model's task, or any --model's."""
-
-    steps: int
-    guidance_scale: float
-    branch_every: int
-    rollouts: int  # the NFE budget is this many rollouts of `steps`
-    num_images: int
-    reward: str | None
-    digit: int | None
-
-
-# The bundled model's first run has to show steering at work: at guidance 1 its base samples of "a handwritten digit
-# three" are threes for only 38-56 % of the held-out judge (measured on 16-48 samples; 88 % for a seven), and DTS at
-# 64 rollouts (1,280 NFE) raises that to 94-100 %, in seconds on a CPU.
-BUNDLED = RunDefaults(
-    steps=20, guidance_scale=1.0, branch_every=4, rollouts=64, num_images=16, reward="digit-classifier", digit=3
-)
-ANY_MODEL = RunDefaults(
-    steps=50, guidance_scale=7.5, branch_every=10, rollouts=16, num_images=4, reward=None, digit=None
-)
+BUNDLED = model_defaults(BUNDLED_MODEL_DIR)  # the bundled model's own, from its dts_defaults.json
+ANY_MODEL = STABLE_DIFFUSION
 DIGIT_REWARD = "digit-classifier"
 DTYPES = ("float32", "float16", "bfloat16")
 # a later run(b) continues the same sampler exactly

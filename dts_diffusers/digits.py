@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dts_diffusers import defaults
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-BUNDLED_MODEL_DIR = ASSETS_DIR / "tiny-sd-digits"
+BUNDLED_MODEL_DIR = defaults.BUNDLED_MODEL_DIR
 TRAINING_RECORD = ASSETS_DIR / "TRAINING.json"
 TRAINING_SCRIPT = "scripts/train_tiny_digits.py"
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dts_diffusers.defaults import STABLE_DIFFUSION
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
@@ -38,8 +39,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         mode: str = "sample",
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         eta: float = 1.0,
@@ -54,7 +55,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         method: str = "dts",
-        branch_every: int | None = 10,
+        branch_every: int | None = None,
         branch_levels: list[int] | None = None,
         widening: Widening | str = "default",
         c_uct: float = 1.0,
@@ -72,6 +73,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         written for the parent pipeline fails loudly instead of being taken for the reward):
             reward: a registered reward name, a reward object, or a callable `(images, prompts) -> Tensor[B]` taking
                 float32 images in [0, 1] of shape [B, 3, H, W].
+            num_inference_steps / guidance_scale: left out, the model folder's `dts_defaults.json` (the bundled
+                digits model: 20 / 1.0), else Stable Diffusion's 50 / 7.5.
             reward_prompt: the text the reward scores the images against (default: `prompt`); needed with
                 `prompt_embeds=` when the reward is prompt-conditioned (`reward.needs_prompts`: image-reward, clip,
                 pickscore, hpsv2), which would otherwise score against nothing. A string, or one per prompt.
@@ -81,7 +84,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             mode: "sample" (DTS) or "search" (DTS*).
             method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
                 `dts_diffusers.methods.METHODS` under the same budget ("dfs" is depth-first search with backtracking).
-            branch_every / branch_levels: where the tree branches (default every 10 steps: 50, 40, 30, 20, 10).
+            branch_every / branch_levels: where the tree branches (default: the paper's five levels, every
+                num_inference_steps / 5 steps: 50, 40, 30, 20, 10).
             widening: progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform
                 c = 2, α = 0.8 is 'paper'. 'default' keeps the method's own ('paper' for the "-paper" methods).
             c_uct: exploration constant of search mode.
@@ -108,6 +112,9 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns:
         `(images, nsfw_content_detected)`.
         """
+        defaults = self.run_defaults(family=STABLE_DIFFUSION)  # the model folder's dts_defaults.json, else the family's
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         tensor_inputs = self._check_tree_inputs(

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from dts_diffusers.defaults import STABLE_DIFFUSION_XL
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
@@ -39,8 +40,8 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         mode: str = "sample",
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -64,7 +65,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         method: str = "dts",
-        branch_every: int | None = 10,
+        branch_every: int | None = None,
         branch_levels: list[int] | None = None,
         widening: Widening | str = "default",
         c_uct: float = 1.0,
@@ -90,7 +91,8 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             mode: "sample" (DTS) or "search" (DTS*).
             method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
                 `dts_diffusers.methods.METHODS` under the same budget ("dfs" is depth-first search with backtracking).
-            branch_every / branch_levels: where the tree branches (default every 10 steps: 50, 40, 30, 20, 10).
+            branch_every / branch_levels: where the tree branches (default: the paper's five levels, every
+                num_inference_steps / 5 steps: 50, 40, 30, 20, 10).
             widening: progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform
                 c = 2, α = 0.8 is 'paper'. 'default' keeps the method's own ('paper' for the "-paper" methods).
             c_uct: exploration constant of search mode.
@@ -116,6 +118,9 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
                 list of one per image raises).
         Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns: `(images,)`.
         """
+        defaults = self.run_defaults(family=STABLE_DIFFUSION_XL)  # the folder's dts_defaults.json, else SDXL's
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         original_size = original_size or (height, width)

@@ -20,6 +20,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils import logging
 
+from dts_diffusers.defaults import RunDefaults, model_defaults
 from dts_diffusers.engine import default_branch_levels
 from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
@@ -261,6 +262,11 @@ class TreeSearchMixin:
 
     _upcast_fp16_vae = False  # the SDXL VAE overflows in fp16 (its config says force_upcast)
     _clip_skip_reads_text_model = False  # StableDiffusionPipeline.encode_prompt applies text_model.final_layer_norm
+
+    def run_defaults(self, family: RunDefaults) -> RunDefaults:
+        """Steps and guidance for arguments left out: the model folder's `dts_defaults.json`, else `family`'s, the
+        same file and table the `dts` command reads."""
+        return model_defaults(getattr(self.config, "_name_or_path", None), family)
 
     def _check_tree_inputs(
         self,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dts_diffusers import digits
+from dts_diffusers.defaults import DEFAULTS_FILE
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 VOCABULARY_WORDS = ("a", "handwritten", "digit", *digits.DIGIT_WORDS)
@@ -278,6 +279,9 @@ def save_pipeline(out_dir: Path, vae, text_encoder, unet, tokenizer_dir: Path) -
         prefix_text_encoder_keys(staging / "text_encoder" / "model.safetensors")
         shutil.rmtree(staging / "tokenizer")
         shutil.copytree(tokenizer_dir, staging / "tokenizer")
+        kept = out_dir / DEFAULTS_FILE  # the model's run defaults (dts_defaults.json) outlive a retraining
+        if kept.is_file():
+            shutil.copy2(kept, staging / DEFAULTS_FILE)
         staging.chmod(0o755)
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

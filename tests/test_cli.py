@@ -18,7 +18,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from test_pipeline import tiny_tokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from dts_diffusers import cli
 
@@ -31,15 +32,13 @@ BUNDLED_BUDGET = cli.BUNDLED.rollouts * cli.BUNDLED.steps
 
 
 def tiny_sd() -> StableDiffusionPipeline:
-    """SD 1.x architecture at toy size: a character-level tokenizer, 2-layer CLIP text encoder, 8x8 latents."""
+    """SD 1.x architecture at toy size: a byte-level character tokenizer, 2-layer CLIP text encoder, 8x8 latents."""
     torch.manual_seed(0)
-    characters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [" "]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *characters, *(c + "</w>" for c in characters)]
-    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=32)
+    tokenizer = tiny_tokenizer(max_length=32)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokens), max_position_embeddings=32,
+            num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tokenizer), max_position_embeddings=32,
         )
     )  # fmt: skip
     unet = UNet2DConditionModel(

@@ -1,7 +1,10 @@
 """DTSPipeline / DTSXLPipeline on tiny random-weight SD 1.x and SDXL pipelines, saved and loaded like hub models."""
 
 import io
+import json
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -42,11 +45,15 @@ def byte_level_characters() -> list[str]:
     return [chr(b) if b in printable else chr(next(rest)) for b in range(256)]
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP tokenizer built from a vocabulary written here (no hub download)."""
+def tiny_tokenizer(max_length: int = 16) -> CLIPTokenizer:
+    """A character-level CLIP tokenizer (514 tokens, no merges) from files written here: no hub download, and the
+    file constructor is the one transformers 4 and 5 both take (the lower-bounds job runs these tests on 4.46)."""
     chars = byte_level_characters()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=16)
+    folder = Path(tempfile.mkdtemp(prefix="dts-test-tokenizer-"))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
 
 
 def tiny_text_config(**extra) -> CLIPTextConfig:
@@ -662,3 +669,21 @@ def test_clip_skip_takes_effect_or_says_why_not(pipe, xl_path):
     else:  # transformers 5's CLIPTextModel has no text_model, which StableDiffusionPipeline.encode_prompt reads
         with pytest.raises(ValueError, match=r"clip_skip= needs CLIPTextModel\.text_model"):
             run(pipe, clip_skip=1)
+
+
+def test_left_out_steps_and_guidance_come_from_the_model_folder_as_for_the_cli(tmp_path):
+    """One set of defaults per model: the bundled model's dts_defaults.json is what `dts generate` reads too."""
+    from dts_diffusers import cli, digits
+    from dts_diffusers.defaults import STABLE_DIFFUSION, model_defaults
+
+    bundled = DTSPipeline.from_pretrained(digits.bundled_model_path())
+    bundled.set_progress_bar_config(disable=True)
+    out = bundled(digits.digit_prompt(3), reward=lambda images, prompts: images.mean((1, 2, 3)), nfe_budget=40)
+    built = out.trees[0].built_for
+    assert (built["num_inference_steps"], built["guidance_scale"]) == (cli.BUNDLED.steps, cli.BUNDLED.guidance_scale)
+    assert (cli.BUNDLED.steps, cli.BUNDLED.guidance_scale) == (20, 1.0)
+    assert out.nfe == 40  # two whole rollouts of 20 steps, not a part of a 50-step one
+    assert model_defaults("stable-diffusion-v1-5/stable-diffusion-v1-5") == STABLE_DIFFUSION == cli.ANY_MODEL
+    (tmp_path / "dts_defaults.json").write_text('{"steps": 30, "colour": "red"}')
+    with pytest.raises(ValueError, match="unknown run defaults \\['colour'\\]"):
+        model_defaults(tmp_path)
