@@ -20,8 +20,10 @@ below ``σ_max`` and the tree starts from the partly noised input image.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -103,19 +105,25 @@ def branch_levels_every(num_steps: int, branch_every: int) -> list[int]:
     return list(range(num_steps, 0, -branch_every))
 
 
+def single_latent(latent_image: torch.Tensor) -> torch.Tensor:
+    """The one latent a batch repeats: a batch of B equal latents asks for B samples of one target, a batch of
+    different latents would be several targets (one tree each), which DTS does not do."""
+    if latent_image.shape[0] > 1 and not torch.equal(latent_image, latent_image[:1].expand_as(latent_image)):
+        raise ValueError(
+            f"DTS steers one latent at a time (got a batch of {latent_image.shape[0]} different latents); "
+            "use a batch of one latent (or of copies of it): the batch size sets the number of outputs"
+        )
+    return latent_image[:1]
+
+
 def _clean_latent(latent_image: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """One clean latent row for the tree's root; a batch of different latents would be several targets."""
+    """One clean latent row for the tree's root."""
     if latent_image is None:
         return torch.zeros_like(x[:1])
     latent_image = latent_image.to(device=x.device, dtype=x.dtype)
     if latent_image.shape[1:] != x.shape[1:]:
         raise ValueError(f"latent_image has shape {tuple(latent_image.shape)}, x has {tuple(x.shape)}")
-    if latent_image.shape[0] > 1 and not torch.equal(latent_image, latent_image[:1].expand_as(latent_image)):
-        raise ValueError(
-            f"DTS steers one latent at a time (got a batch of {latent_image.shape[0]} different latents); "
-            "use a batch of one latent and ask for several outputs with num_outputs"
-        )
-    return latent_image[:1]
+    return single_latent(latent_image)
 
 
 class SigmaChain:
@@ -162,6 +170,53 @@ class SigmaChain:
         sigma_to = float(self.sigmas[self.num_steps - to_level])
         noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype)
         return self.forward(x, sigma_from, sigma_to, noise)
+
+
+class Scorer:
+    """`reward(decode(latents))` as a float vector; its callables are rebound each run, so a kept tree holds none."""
+
+    def __init__(self, reward: Callable | None, decode: Callable | None):
+        self.reward, self.decode = reward, decode
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        scores = self.reward(self.decode(latents) if self.decode is not None else latents)
+        return torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+
+
+@dataclass
+class SearchTree:
+    """A grown sampler (the tree, or a baseline's populations) that `sample_dts(tree=...)` continues with more budget.
+
+    Between runs it holds no model, conditioning, VAE or reward (`detach`), only the search's own state and the
+    `settings` a continuation must match, so keeping it (ComfyUI's `DTS_TREE` output) keeps no model alive.
+    """
+
+    sampler: object
+    chain: SigmaChain
+    scorer: Scorer
+    settings: dict
+
+    def detach(self) -> None:
+        self.chain.model, self.chain.extra_args = None, {}
+        self.scorer.reward = self.scorer.decode = None
+
+    def mismatch(self, settings: dict, latent: torch.Tensor) -> list[str]:
+        """What differs from a run asking to continue this tree with `settings` from the clean `latent`."""
+        wrong = [f"{key}={settings[key]} (the tree has {value})" for key, value in self.settings.items()
+                 if settings[key] != value]  # fmt: skip
+        if not wrong and not torch.equal(latent.to(self.chain.latent), self.chain.latent):
+            wrong.append("a different latent image (img2img input)")
+        return wrong
+
+
+def tree_settings(sigmas: torch.Tensor, x: torch.Tensor, **options) -> dict:
+    """What a tree is grown for; a continuation must match every item."""
+    return {
+        "steps": len(sigmas) - 1,
+        "sigmas": [round(float(s), 6) for s in sigmas],
+        "latent shape": list(x.shape[1:]),
+        **options,
+    }
 
 
 def _default_noise_scaling(model_sampling, flow: bool) -> Callable:
@@ -223,6 +278,7 @@ def sample_dts(
     noise_scaling: Callable | None = None,
     interrupt: Callable[[], object] | None = None,
     info: dict | None = None,
+    tree: SearchTree | None = None,
 ) -> torch.Tensor:
     """Run `method` (any of `dts_diffusers.methods.METHODS`) over `sigmas` and return `num_outputs` samples.
 
@@ -235,7 +291,10 @@ def sample_dts(
     `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised`, `i`
     counting steps in proportion to the budget spent, and `nfe`, `nfe_budget`, `best_reward` and `method`;
     `interrupt()` is called between batches and may raise to stop.
-    `info`, when given, is filled with the drawn samples' `rewards`, the `best_reward` and the engine's `stats`.
+    `info`, when given, is filled with the drawn samples' `rewards`, the `best_reward`, the engine's `stats`, the
+    NFE `nfe_budget` reached and the `tree` (a `SearchTree`). `tree=` continues such a tree with `nfe_budget` more NFE
+    (anytime sampling); the run must match what it was grown for (steps, sigmas, latent, λ, mode, method, ...), and
+    `seed` is then unused (the tree's own random streams go on). The given tree is not changed: a copy grows.
     Returns a tensor shaped like `x` with `num_outputs` rows (default: as many as `x`).
     """
     extra_args = {} if extra_args is None else extra_args
@@ -262,45 +321,56 @@ def sample_dts(
         flow = model_sampling is not None and is_flow_sampling(model_sampling)
     if latent_image is None:
         latent_image = getattr(model, "latent_image", None)
-    chain = SigmaChain(
-        model,
-        sigmas,
-        _clean_latent(latent_image, x),
-        extra_args,
-        flow,
-        eta,
-        noise_scaling or _default_noise_scaling(model_sampling, flow),
-    )
-
-    def score(latents: torch.Tensor) -> torch.Tensor:
-        scores = reward(decode(latents) if decode is not None else latents)
-        return torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
-
-    sampler = build_sampler(
-        method,
-        chain.prior,
-        chain.transition,
-        score,
-        num_steps,
-        lam=lam,
-        mode=mode,
-        branch_levels=branch_levels if branch_levels is not None else default_branch_levels(num_steps),
-        **widening_option(widening),
-        c_uct=c_uct,
-        batch_size=batch_size,
-        seed=int(extra_args.get("seed", 0) if seed is None else seed),
-        device=x.device,
-        renoise=chain.renoise,
-    )
+    latent = _clean_latent(latent_image, x)
+    levels = list(branch_levels) if branch_levels is not None else default_branch_levels(num_steps)
+    settings = tree_settings(
+        sigmas, x, lam=lam, mode=mode, method=method, eta=eta, flow=flow, **{"branch levels": levels},
+        widening=widening if isinstance(widening, str) else repr(widening),
+    )  # fmt: skip
+    if tree is not None:
+        wrong = tree.mismatch(settings, latent)
+        if wrong:
+            raise ValueError(
+                f"this run cannot continue the given tree: {'; '.join(wrong)}. Continue a tree with the settings it "
+                "was grown with, or start a new tree (disconnect the tree input)"
+            )
+        kept = copy.deepcopy(tree)
+        kept.chain.model, kept.chain.extra_args = model, extra_args
+        kept.scorer.reward, kept.scorer.decode = reward, decode
+    else:
+        chain = SigmaChain(
+            model, sigmas, latent, extra_args, flow, eta, noise_scaling or _default_noise_scaling(model_sampling, flow)
+        )
+        scorer = Scorer(reward, decode)
+        sampler = build_sampler(
+            method,
+            chain.prior,
+            chain.transition,
+            scorer,
+            num_steps,
+            lam=lam,
+            mode=mode,
+            branch_levels=levels,
+            **widening_option(widening),
+            c_uct=c_uct,
+            batch_size=batch_size,
+            seed=int(extra_args.get("seed", 0) if seed is None else seed),
+            device=x.device,
+            renoise=chain.renoise,
+        )
+        kept = SearchTree(sampler, chain, scorer, settings)
+    sampler = kept.sampler
+    start = sampler.nfe
+    target = start + nfe_budget
     progress = tqdm(total=nfe_budget, disable=disable, desc=label.upper())
 
     def on_batch(search) -> bool:
-        progress.update(search.nfe - progress.n)
+        progress.update(search.nfe - start - progress.n)
         if interrupt is not None and interrupt():
             return True
         if callback is not None:
             best, best_reward = search.best()
-            step = min(num_steps - 1, search.nfe * num_steps // max(nfe_budget, 1))
+            step = min(num_steps - 1, (search.nfe - start) * num_steps // max(nfe_budget, 1))
             callback(
                 {
                     "x": best,
@@ -309,7 +379,7 @@ def sample_dts(
                     "sigma_hat": sigmas[step],
                     "denoised": best,
                     "nfe": search.nfe,
-                    "nfe_budget": nfe_budget,
+                    "nfe_budget": target,
                     "best_reward": best_reward,
                     "method": label,
                 }
@@ -318,9 +388,17 @@ def sample_dts(
 
     try:
         sampler.run(nfe_budget, callback=on_batch)
+        samples, rewards = sampler.sample(num_outputs, return_rewards=True)
     finally:
         progress.close()
-    samples, rewards = sampler.sample(num_outputs, return_rewards=True)
+        kept.detach()
     if info is not None:
-        info.update(rewards=rewards, best_reward=sampler.best()[1], stats=sampler.stats(), method=label)
+        info.update(
+            rewards=rewards,
+            best_reward=sampler.best()[1],
+            stats=sampler.stats(),
+            method=label,
+            nfe_budget=target,
+            tree=kept,
+        )
     return samples.to(device=x.device, dtype=x.dtype)

@@ -352,3 +352,46 @@ def test_tiny_unet_search_returns_its_best_decoded_sample(tiny_sd_parts):
         num_outputs=3, batch_size=4, seed=3, disable=True,
     )  # fmt: skip
     assert torch.equal(again, found)
+
+
+@pytest.mark.parametrize("method", ["dts", "dts*", "smc"])
+def test_a_kept_tree_continues_as_one_longer_run_and_is_not_changed(method):
+    """Anytime sampling: budgets accumulate, so 24 NFE then 24 more grow the tree one run of 48 grows (a particle
+    method adds populations sized by its first budget); the kept tree holds no model between runs and stays as it
+    was (ComfyUI caches it as a node output)."""
+    sigmas = karras_sigmas(4)
+    x = torch.zeros(1, 2)
+    common = dict(reward=linear_reward, lam=1.0, method=method, num_outputs=2, disable=True, seed=3, batch_size=2)
+    once, first, second = {}, {}, {}
+    sample_dts(gaussian_denoiser, x, sigmas, nfe_budget=48, info=once, **common)
+    sample_dts(gaussian_denoiser, x, sigmas, nfe_budget=24, info=first, **common)
+    tree = first["tree"]
+    assert tree.chain.model is None and tree.scorer.reward is None
+    sample_dts(gaussian_denoiser, x, sigmas, nfe_budget=24, info=second, tree=tree, **common)
+    assert tree.sampler.nfe == first["stats"]["nfe"] <= 24
+    assert second["nfe_budget"] == tree.sampler.nfe + 24
+    assert second["stats"]["nfe"] == once["stats"]["nfe"] and second["best_reward"] >= first["best_reward"]
+    if method != "smc":
+        assert second["best_reward"] == once["best_reward"] and second["stats"]["leaves"] == once["stats"]["leaves"]
+    assert second["tree"] is not tree and second["tree"].chain.model is None
+
+
+def test_a_tree_continues_only_the_run_it_was_grown_for():
+    sigmas = karras_sigmas(4)
+    x = torch.zeros(1, 2)
+    info = {}
+    sample_dts(gaussian_denoiser, x, sigmas, reward=linear_reward, nfe_budget=8, disable=True, info=info)
+    tree = info["tree"]
+    cases = [
+        (dict(x=x, sigmas=karras_sigmas(5)), r"steps=5 \(the tree has 4\)"),
+        (dict(x=x, sigmas=sigmas * 0.5), "sigmas="),
+        (dict(x=torch.zeros(1, 3), sigmas=sigmas), r"latent shape=\[3\] \(the tree has \[2\]\)"),
+        (dict(x=x, sigmas=sigmas, lam=2.0), r"lam=2.0 \(the tree has 1.0\)"),
+        (dict(x=x, sigmas=sigmas, mode="search"), "mode=search"),
+        (dict(x=x, sigmas=sigmas, method="smc"), "method=smc"),
+        (dict(x=x, sigmas=sigmas, latent_image=torch.ones(1, 2)), "a different latent image"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=f"cannot continue the given tree: .*{message}.*start a new tree"):
+            sample_dts(gaussian_denoiser, reward=linear_reward, nfe_budget=8, disable=True, tree=tree, **kwargs)
+    assert tree.sampler.nfe == info["stats"]["nfe"]
