@@ -248,11 +248,14 @@ def test_classifier_archive_with_a_pickled_entry_is_refused_before_unpickling(tm
     export_tiny_classifier(clean)
     rewrite_archive(clean, evil, PICKLED_ARCHIVES[kind](target))
 
-    # the crafted archive is a real attack on plain torch.export.load: the payload runs
+    # the crafted archive is a real attack on plain torch.export.load: the payload runs (torch before 2.13 does not
+    # unpickle opaque constants while loading, so there that one is only refused on principle)
     with contextlib.suppress(Exception):
         torch.export.load(str(evil))
-    assert target.read_text() == "the payload ran"
-    target.unlink()
+    old_torch = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 13)
+    if not (kind == "opaque-constant" and old_torch):
+        assert target.read_text() == "the payload ran"
+    target.unlink(missing_ok=True)
 
     with pytest.raises(ValueError, match=r"refusing to load the classifier .*" + kind + r".*pt2.*(pickled|not plain)"):
         load_reward("classifier", classifier=str(evil), target=3)
