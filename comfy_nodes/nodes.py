@@ -8,6 +8,7 @@ The frontend restores a node's widget values by position, and widgets a saved wo
 new inputs go last: `method` (default "dts") is the last optional input. It took the slot of the earlier `baseline`
 input: API workflows that still name `baseline` run DTS (ComfyUI drops inputs a node does not declare); UI workflows
 saved with it hold "none" in that slot, which ComfyUI rejects as not in the list until a method is picked.
+Optional sockets (`tree`, `sigmas`) hold no widget value, so they follow `method`; outputs are only ever appended.
 The `widening` choice took the slot of the two floats `pw_c` and `pw_alpha`: API workflows that still name them run
 with the default widening; UI workflows saved with them hold shifted values, which ComfyUI rejects until re-saved.
 """
@@ -122,9 +123,13 @@ class DTSSampler:
         "method input runs a particle baseline (best-of-N, SMC, BFS, ...) under the same budget instead."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT", "FLOAT", "STRING")
-    RETURN_NAMES = ("latent", "rewards", "summary")
-    OUTPUT_IS_LIST = (False, True, False)
+    RETURN_TYPES = ("LATENT", "FLOAT", "STRING", "DTS_TREE")
+    RETURN_NAMES = ("latent", "rewards", "summary", "tree")
+    OUTPUT_IS_LIST = (False, True, False, False)
+    OUTPUT_TOOLTIPS = (
+        "the drawn samples", "their rewards", "method, rewards, best found, NFE spent",
+        "the grown tree: feed it to another DTS Sampler's tree input to continue it with more budget",
+    )  # fmt: skip
     FUNCTION = "sample"
 
     @classmethod
@@ -145,24 +150,31 @@ class DTSSampler:
                 "scheduler": (scheduler_names(), {"default": "karras"}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
                 **search_inputs(),
-                "num_outputs": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "samples drawn from the tree"}),
+                "num_outputs": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "samples drawn from the tree; "
+                                "0 = as many as the latent batch (KSampler's rule)"}),
             },
-            "optional": advanced_inputs(),
+            "optional": {
+                **advanced_inputs(),
+                "tree": ("DTS_TREE", {"tooltip": "continue this tree (another DTS Sampler's tree output) with "
+                         "nfe_budget more NFE; it must have been grown with the same steps, sigmas, latent, λ, mode "
+                         "and method"}),
+            },
         }  # fmt: skip
 
     def sample(self, model, positive, negative, latent_image, vae, reward, reward_prompt, seed, steps, cfg, scheduler,
                denoise, mode, lam, nfe_budget, eta, num_outputs, **advanced):  # fmt: skip
-        latent, rewards, summary = sampling.run_dts_sampler(
+        tree = advanced.pop("tree", None)
+        latent, rewards, summary, grown = sampling.run_dts_sampler(
             model, positive, negative, latent_image, vae, reward, reward_prompt, seed, steps, cfg, scheduler, denoise,
-            nfe_budget, num_outputs, **tree_options(mode, lam, eta, **advanced),
+            nfe_budget, num_outputs, tree=tree, **tree_options(mode, lam, eta, **advanced),
         )  # fmt: skip
-        return {"ui": {"text": [summary], "rewards": rewards}, "result": (latent, rewards, summary)}
+        return {"ui": {"text": [summary], "rewards": rewards}, "result": (latent, rewards, summary, grown)}
 
 
 class DTSSamplerSelect:
     DESCRIPTION = (
         "A SAMPLER for SamplerCustom / SamplerCustomAdvanced that runs DTS (or the method picked): any GUIDER, SIGMAS "
-        "and NOISE; returns as many samples as the latent batch."
+        "and NOISE; returns as many samples as the latent batch. DTS Run Report shows its rewards."
     )
     CATEGORY = "sampling/custom_sampling/samplers"
     RETURN_TYPES = ("SAMPLER",)
@@ -177,21 +189,49 @@ class DTSSamplerSelect:
                 "reward_prompt": ("STRING", {"default": "", "multiline": True}),
                 **search_inputs(),
             },
-            "optional": advanced_inputs(),
-        }
+            "optional": {
+                **advanced_inputs(),
+                "sigmas": ("SIGMAS", {"tooltip": "optional: the SIGMAS the custom sampler gets, so a budget below one "
+                           "rollout is reported here"}),
+            },
+        }  # fmt: skip
 
-    def get_sampler(self, vae, reward, reward_prompt, mode, lam, nfe_budget, eta, **advanced):
+    def get_sampler(self, vae, reward, reward_prompt, mode, lam, nfe_budget, eta, sigmas=None, **advanced):
         options = tree_options(mode, lam, eta, **advanced)
-        return (sampling.dts_ksampler(vae, reward, reward_prompt, nfe_budget=nfe_budget, **options),)
+        return (sampling.dts_ksampler(vae, reward, reward_prompt, sigmas, nfe_budget=nfe_budget, **options),)
+
+
+class DTSRunReport:
+    DESCRIPTION = (
+        "The rewards and summary of a DTS Sampler (SAMPLER)'s last run: connect its SAMPLER and the output of the "
+        "SamplerCustom / SamplerCustomAdvanced that used it (which makes the report run after the sampling)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("rewards", "summary")
+    OUTPUT_IS_LIST = (True, False)
+    FUNCTION = "report"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        samples = ("LATENT", {"tooltip": "the output of the custom sampler that used the SAMPLER"})
+        return {"required": {"sampler": ("SAMPLER",), "samples": samples}}
+
+    def report(self, sampler, samples):
+        rewards, summary = sampling.run_report(sampler, samples)
+        return {"ui": {"text": [summary], "rewards": rewards}, "result": (rewards, summary)}
 
 
 NODE_CLASS_MAPPINGS = {
     "DTSRewardLoader": DTSRewardLoader,
     "DTSSampler": DTSSampler,
     "DTSSamplerSelect": DTSSamplerSelect,
+    "DTSRunReport": DTSRunReport,
 }
+# The node ids stay (saved workflows name them); the display names differ case-insensitively, as search does.
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DTSRewardLoader": "DTS Reward Loader",
     "DTSSampler": "DTS Sampler",
-    "DTSSamplerSelect": "DTS SAMPLER",
+    "DTSSamplerSelect": "DTS Sampler (SAMPLER)",
+    "DTSRunReport": "DTS Run Report",
 }

@@ -11,11 +11,12 @@ import os
 
 import torch
 
-from dts_diffusers.k_sampling import sample_dts
+from dts_diffusers.k_sampling import SearchTree, sample_dts, single_latent
 
 REWARD_FOLDER = "dts_rewards"
 HUB_CACHE = "(hub cache)"
 NO_WEIGHTS = "(none)"
+SET_BY_THE_NODE = ("device", "dtype", "pretrained_model_name_or_path")  # the loader's widgets set these
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: st
 
     from dts_diffusers.rewards import load_reward, reward_loader
 
-    kwargs = json.loads(options) if options.strip() else {}
-    if not isinstance(kwargs, dict):
-        raise ValueError(f'options must be a JSON object of loader arguments, e.g. {{"digit": 3}} (got {options!r})')
     parameters = inspect.signature(reward_loader(reward_name)).parameters
+    kwargs = parse_options(reward_name, options, [name for name in parameters if name not in SET_BY_THE_NODE])
     if weights not in (NO_WEIGHTS, HUB_CACHE):
         if "pretrained_model_name_or_path" not in parameters:
             raise ValueError(f"the {reward_name!r} reward takes no weights; set weights to {NO_WEIGHTS!r}")
@@ -83,6 +82,32 @@ def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: st
         raise OSError(
             f"{err}\nIn ComfyUI: put the weights in ComfyUI/models/{REWARD_FOLDER}/ and pick them in 'weights'."
         ) from err
+
+
+def parse_options(reward_name: str, options: str, accepted: list[str]) -> dict:
+    """The `options` input as loader keywords; errors name the input and the keys this reward accepts."""
+    keys = ", ".join(accepted) or "none"
+    try:
+        kwargs = json.loads(options) if options.strip() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"options: not valid JSON ({err.msg} at column {err.colno}): {options!r}; give a JSON object such as "
+            f'{{"digit": 3}} (the {reward_name!r} reward accepts: {keys})'
+        ) from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f'options must be a JSON object of loader arguments, e.g. {{"digit": 3}} (got {options!r}); the '
+            f"{reward_name!r} reward accepts: {keys}"
+        )
+    unknown = [key for key in kwargs if key not in accepted]
+    if unknown:
+        set_here = [key for key in unknown if key in SET_BY_THE_NODE]
+        hint = f" ({', '.join(set_here)}: set by the loader's own inputs)" if set_here else ""
+        raise ValueError(
+            f"options: the {reward_name!r} reward has no option {', '.join(map(repr, unknown))}{hint}; "
+            f"it accepts: {keys}"
+        )
+    return kwargs
 
 
 def _reward_device(device: str) -> torch.device:
@@ -117,19 +142,24 @@ def comfy_sample_dts(
     reward,
     reward_prompt: str = "",
     progress=None,
+    keep_tree: bool = False,
     **options,
 ) -> torch.Tensor:
     """The `SAMPLER` function: ComfyUI's `model` (KSamplerX0Inpaint) and `noise` (x noised for sigmas[0]).
 
     The tree batches rows freely, so the inpainting state ComfyUI stores per latent row is narrowed to the one latent
     every root child starts from. `progress(dict)`, when given, replaces ComfyUI's per-step callback (it sees the
-    NFE spent, not steps).
+    NFE spent, not steps). `info` keeps the grown tree only with `keep_tree` (DTS Sampler's `tree` output); a
+    SAMPLER's report keeps rewards and stats, not the tree's latents.
     """
     import comfy.model_management
 
+    if options.get("tree") is None:
+        check_budget(options["nfe_budget"], len(sigmas) - 1, "the custom sampler's SIGMAS", "DTS Sampler (SAMPLER): ")
+
     extra_args = dict(extra_args or {})
     if getattr(model, "latent_image", None) is not None:
-        model.latent_image = model.latent_image[:1]
+        model.latent_image = single_latent(model.latent_image)
     if getattr(model, "noise", None) is not None:
         model.noise = model.noise[:1]
     if extra_args.get("denoise_mask") is not None:
@@ -139,7 +169,7 @@ def comfy_sample_dts(
     def score(images: torch.Tensor) -> torch.Tensor:
         return reward(images, reward_prompt)
 
-    return sample_dts(
+    samples = sample_dts(
         model,
         noise,
         sigmas,
@@ -151,15 +181,52 @@ def comfy_sample_dts(
         interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
         **options,
     )
+    if not keep_tree and options.get("info") is not None:
+        options["info"].pop("tree", None)
+    return samples
 
 
-def dts_ksampler(vae, reward, reward_prompt: str, **options):
-    """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running `method` with the reward bound."""
+def check_budget(nfe_budget: int, steps: int, source: str, node: str = "") -> None:
+    """A budget below one rollout fails before any model work, naming the input to change."""
+    if nfe_budget < steps:
+        raise ValueError(
+            f"{node}nfe_budget={nfe_budget} is below one rollout: one sample costs {steps} NFE, one per step of "
+            f"{source}; give at least {steps} (e.g. {steps * 8} for 8 rollouts)"
+        )
+
+
+def dts_ksampler(vae, reward, reward_prompt: str, sigmas: torch.Tensor | None = None, **options):
+    """A ComfyUI `SAMPLER` (for SamplerCustom / SamplerCustomAdvanced) running `method` with the reward bound.
+
+    Its `info` dict (in `extra_options`) holds the last run's rewards and stats for DTS Run Report. `sigmas`, when
+    given (the SIGMAS the custom sampler gets), lets the budget be checked here, so the error lands on this node.
+    """
     check_options(options)
+    if sigmas is not None:
+        check_budget(options["nfe_budget"], len(sigmas) - 1, "the connected sigmas")
     import comfy.samplers
 
-    extra = {"vae": vae, "reward": reward, "reward_prompt": reward_prompt, **options}
+    extra = {"vae": vae, "reward": reward, "reward_prompt": reward_prompt, "info": {}, **options}
     return comfy.samplers.KSAMPLER(comfy_sample_dts, extra_options=extra)
+
+
+def run_report(sampler, samples: dict) -> tuple[list[float], str]:
+    """The rewards and summary of the last run of a DTS SAMPLER, read after the custom sampler that ran it."""
+    info = getattr(sampler, "extra_options", {}).get("info")
+    if info is None:
+        raise ValueError("sampler must come from DTS Sampler (SAMPLER) (this SAMPLER is another sampler)")
+    if not info:
+        raise ValueError(
+            "this DTS SAMPLER has not run yet: connect samples to the output of the SamplerCustom(Advanced) that "
+            "uses it, so the report runs after it"
+        )
+    rows = samples["samples"].shape[0]
+    if rows != len(info["rewards"]):
+        raise ValueError(
+            f"samples has {rows} rows but the sampler's last run drew {len(info['rewards'])}: connect the output of "
+            "the custom sampler that uses this SAMPLER"
+        )
+    return [float(r) for r in info["rewards"]], summarize(info)
 
 
 def check_options(options: dict) -> None:
@@ -193,15 +260,20 @@ def run_dts_sampler(
     denoise: float,
     nfe_budget: int,
     num_outputs: int,
+    tree: SearchTree | None = None,
     **options,
-) -> tuple[dict, list[float], str]:
-    """KSampler with DTS: returns the LATENT of `num_outputs` drawn samples, their rewards and a summary line."""
+) -> tuple[dict, list[float], str, SearchTree]:
+    """KSampler with DTS: returns the LATENT of the drawn samples, their rewards, a summary line and the tree.
+
+    The batch rule of both sampler nodes: a latent batch of B (copies of one latent, as EmptyLatentImage gives) asks
+    for B samples from one tree; `num_outputs` > 0 overrides B. `tree` continues an earlier run's tree with
+    `nfe_budget` more NFE instead of growing a new one.
+    """
     check_options(options)
-    if nfe_budget < steps:
-        raise ValueError(
-            f"nfe_budget={nfe_budget} is below one rollout: one sample costs steps={steps} NFE; give at least {steps} "
-            f"(e.g. {steps * 8} for 8 rollouts)"
-        )
+    if tree is None:
+        check_budget(nfe_budget, steps, "the steps input")
+    elif not isinstance(tree, SearchTree):
+        raise ValueError(f"tree must be the tree output of a DTS Sampler (got {type(tree).__name__})")
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
@@ -209,7 +281,8 @@ def run_dts_sampler(
     import latent_preview
 
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-    latent_image = latent_image[:1].expand(num_outputs, *latent_image.shape[1:]).contiguous()
+    num_outputs = num_outputs or latent_image.shape[0]
+    latent_image = single_latent(latent_image).expand(num_outputs, *latent_image.shape[1:]).contiguous()
     noise = comfy.sample.prepare_noise(latent_image, seed)
     noise_mask = latent.get("noise_mask")
     sigmas = comfy.samplers.KSampler(
@@ -218,18 +291,20 @@ def run_dts_sampler(
     ).sigmas  # fmt: skip
     if len(sigmas) < 2:
         raise ValueError(f"denoise={denoise} leaves no step to take; use denoise > 0")
-    info: dict = {}
     previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    start = tree.sampler.nfe if tree is not None else 0
     bar = comfy.utils.ProgressBar(nfe_budget)
 
     def progress(state: dict) -> None:
+        """The NFE this run spent, with the best sample so far as the preview."""
         preview = previewer.decode_latent_to_preview_image("JPEG", state["denoised"]) if previewer else None
-        bar.update_absolute(state["nfe"], nfe_budget, preview)
+        bar.update_absolute(state["nfe"] - start, nfe_budget, preview)
 
     sampler = dts_ksampler(
-        vae, reward, reward_prompt, nfe_budget=nfe_budget, num_outputs=num_outputs, progress=progress, info=info,
-        seed=seed, **options,
+        vae, reward, reward_prompt, nfe_budget=nfe_budget, num_outputs=num_outputs, progress=progress, seed=seed,
+        tree=tree, keep_tree=True, **options,
     )  # fmt: skip
+    info = sampler.extra_options["info"]
     samples = comfy.sample.sample_custom(
         model, noise, cfg, sampler, sigmas, positive, negative, latent_image, noise_mask=noise_mask,
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
@@ -238,10 +313,10 @@ def run_dts_sampler(
     out = {key: value for key, value in latent.items() if key not in ("samples", "batch_index")}
     out["samples"] = samples
     rewards = [float(r) for r in info["rewards"]]
-    return out, rewards, summarize(info, nfe_budget)
+    return out, rewards, summarize(info), info["tree"]
 
 
-def summarize(info: dict, nfe_budget: int) -> str:
+def summarize(info: dict) -> str:
     stats = info["stats"]
     rewards = ", ".join(f"{r:.4f}" for r in info["rewards"].tolist())
     leaves = stats.get("leaves")
@@ -249,5 +324,5 @@ def summarize(info: dict, nfe_budget: int) -> str:
     repeated = f" (the tree has only {leaves} leaves: some repeat; raise nfe_budget)" if short else ""
     return (
         f"{info['method'].upper()}: rewards [{rewards}]{repeated}; best found {info['best_reward']:.4f}; "
-        f"NFE {stats['nfe']}/{nfe_budget}; reward evaluations {stats['reward_evals']}"
+        f"NFE {stats['nfe']}/{info['nfe_budget']}; reward evaluations {stats['reward_evals']}"
     )

@@ -1,6 +1,7 @@
 """The ComfyUI nodes without ComfyUI: schemas ComfyUI can render, bad inputs rejected with clear messages, and every
 method run through DTS SAMPLER on a tiny model."""
 
+import re
 import sys
 import types
 
@@ -11,7 +12,7 @@ from dts_diffusers.comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAP
 from dts_diffusers.k_sampling import method_label
 from dts_diffusers.methods import METHODS
 
-SOCKET_TYPES = {"MODEL", "CONDITIONING", "LATENT", "VAE", "SAMPLER", "DTS_REWARD"}
+SOCKET_TYPES = {"MODEL", "CONDITIONING", "LATENT", "VAE", "SAMPLER", "SIGMAS", "DTS_REWARD", "DTS_TREE"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING"}
 
 
@@ -71,12 +72,27 @@ def test_tree_options_map_node_inputs_to_sample_dts():
     assert nodes.tree_options("sample", 1.0, 1.0)["method"] == "dts"
 
 
+def test_display_names_differ_case_insensitively_and_node_ids_are_kept():
+    """The node search matches names case-insensitively; saved workflows name the ids."""
+    names = [name.casefold() for name in NODE_DISPLAY_NAME_MAPPINGS.values()]
+    assert len(set(names)) == len(names) and set(NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_CLASS_MAPPINGS)
+    assert {"DTSRewardLoader", "DTSSampler", "DTSSamplerSelect"} <= set(NODE_CLASS_MAPPINGS)
+    assert NODE_DISPLAY_NAME_MAPPINGS["DTSSamplerSelect"] == "DTS Sampler (SAMPLER)"
+
+
+def widget_inputs(spec: dict) -> list[str]:
+    return [name for name, s in spec.items() if isinstance(s[0], list) or s[0] in WIDGET_TYPES]
+
+
 @pytest.mark.parametrize("node_id", ["DTSSampler", "DTSSamplerSelect"])
-def test_method_lists_every_method_and_is_the_last_input(node_id):
+def test_method_lists_every_method_and_is_the_last_widget(node_id):
     """The frontend restores widget values by position, so a saved workflow without the newest widget keeps its
-    other values and gets method = "dts"."""
+    other values and gets method = "dts"; optional sockets (tree, sigmas) hold no widget value."""
     spec = NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
-    assert list(spec["optional"])[-1] == "method"
+    assert widget_inputs(spec["optional"])[-1] == "method"
+    assert widget_inputs(spec["required"]) == [
+        name for name in spec["required"] if name in widget_inputs(spec["required"])
+    ]
     choices, options = spec["optional"]["method"]
     assert choices == list(METHODS) and options["default"] == "dts"
 
@@ -90,10 +106,10 @@ def test_widening_is_one_choice_of_the_presets_in_the_slot_after_branch_every(no
 
 
 def test_summary_says_when_the_tree_has_fewer_leaves_than_outputs():
-    info = {"method": "dts*", "rewards": torch.tensor([0.5, 0.5, 0.5]), "best_reward": 0.5}
-    short = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 2, "leaves": 2}}, 8)
+    info = {"method": "dts*", "rewards": torch.tensor([0.5, 0.5, 0.5]), "best_reward": 0.5, "nfe_budget": 8}
+    short = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 2, "leaves": 2}})
     assert "the tree has only 2 leaves" in short
-    enough = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 9, "leaves": 9}}, 8)
+    enough = sampling.summarize({**info, "stats": {"nfe": 8, "reward_evals": 9, "leaves": 9}})
     assert "leaves" not in enough and enough.startswith("DTS*: rewards [0.5000, 0.5000, 0.5000]; best found")
 
 
@@ -105,6 +121,9 @@ def test_bad_inputs_raise_in_the_node_function_with_clear_messages():
         sampler.get_sampler(None, None, "", "sample", 1.0, 100, 0.0)
     with pytest.raises(ValueError, match=r"method must be one of dts, dts\*, .*; pick one in the method input"):
         sampler.get_sampler(None, None, "", "sample", 1.0, 100, 1.0, method="none")
+    with pytest.raises(ValueError, match="nfe_budget=3 is below one rollout: one sample costs 4 NFE, one per step "
+                       "of the connected sigmas; give at least 4"):  # fmt: skip
+        sampler.get_sampler(None, None, "", "sample", 1.0, 3, 1.0, sigmas=torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0]))
     ksampler = NODE_CLASS_MAPPINGS["DTSSampler"]()
     common = dict(model=None, positive=None, negative=None, latent_image=None, vae=None, reward=None, reward_prompt="",
                   seed=0, cfg=7.0, scheduler="karras", denoise=1.0, mode="sample", num_outputs=1)  # fmt: skip
@@ -126,8 +145,22 @@ def test_reward_loader_builds_a_registered_reward_and_rejects_bad_choices():
         loader.load("jpeg-compressibility", "some-file.safetensors", "cpu", "auto", "")
     with pytest.raises(ValueError, match="JSON object"):
         loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "[1, 2]")
+    (reward,) = loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", '{"quality": 50}')
+    assert reward(images, "").shape == (2,)
     with pytest.raises(ValueError, match="unknown reward"):
         loader.load("no-such-reward", sampling.NO_WEIGHTS, "cpu", "auto", "")
+
+
+def test_options_errors_name_the_input_and_the_keys_the_reward_accepts():
+    loader = NODE_CLASS_MAPPINGS["DTSRewardLoader"]()
+    with pytest.raises(ValueError, match=r"^options: not valid JSON \(Expecting property name enclosed in double "
+                       r"quotes at column 2\): \"\{'quality': 50\}\"; .* reward accepts: quality\)$"):  # fmt: skip
+        loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "{'quality': 50}")
+    with pytest.raises(ValueError, match=r"^options: the 'digit-classifier' reward has no option 'digits'; it accepts: "
+                       r"digit, which, output$"):  # fmt: skip
+        loader.load("digit-classifier", sampling.NO_WEIGHTS, "cpu", "auto", '{"digits": 3}')
+    with pytest.raises(ValueError, match=r"no option 'device' \(device: set by the loader's own inputs\)"):
+        loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", '{"device": "cuda"}')
 
 
 LATENT_STD = 0.5
@@ -210,3 +243,70 @@ def test_every_method_runs_through_dts_sampler_within_budget(comfy_host, method)
             assert scores[0].item() == pytest.approx(events[-1]["best_reward"])
         else:  # the same seed gives the same samples
             assert torch.equal(run_sampler(sampler, latent, sigmas, seed=5), out)
+
+
+def dts_sampler(reward, **inputs):
+    (sampler,) = NODE_CLASS_MAPPINGS["DTSSamplerSelect"]().get_sampler(
+        TinyVAE(), reward, "", inputs.pop("mode", "sample"), 2.0, inputs.pop("nfe_budget", 32), 1.0, rollout_batch=4,
+        **inputs,
+    )  # fmt: skip
+    return sampler
+
+
+@pytest.fixture
+def jpeg_reward():
+    loader = NODE_CLASS_MAPPINGS["DTSRewardLoader"]()
+    return loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "")[0]
+
+
+def test_run_report_gives_the_rewards_and_summary_of_the_samplers_last_run(comfy_host, jpeg_reward):
+    report = NODE_CLASS_MAPPINGS["DTSRunReport"]()
+    sampler = dts_sampler(jpeg_reward, mode="search")
+    latent = torch.zeros(2, 4, 8, 8)
+    with pytest.raises(ValueError, match="has not run yet"):
+        report.report(sampler, {"samples": latent})
+    out = run_sampler(sampler, latent, torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0]), seed=5)
+    result = report.report(sampler, {"samples": out})
+    rewards, summary = result["result"]
+    assert len(rewards) == 2 and rewards == sorted(rewards, reverse=True)
+    assert re.match(r"DTS\*: rewards \[.*\]; best found .*; NFE \d+/32;", summary) and result["ui"]["text"] == [summary]
+    assert "tree" not in sampler.extra_options["info"]  # a SAMPLER's report keeps no tree latents
+    with pytest.raises(ValueError, match="samples has 3 rows but the sampler's last run drew 2"):
+        report.report(sampler, {"samples": torch.zeros(3, 4, 8, 8)})
+    with pytest.raises(ValueError, match="another sampler"):
+        report.report(types.SimpleNamespace(extra_options={}), {"samples": out})
+
+
+def test_the_sampler_rejects_a_budget_below_one_rollout_of_its_sigmas_and_a_batch_of_different_latents(
+    comfy_host, jpeg_reward
+):
+    sigmas = torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0])
+    with pytest.raises(ValueError, match=r"^DTS Sampler \(SAMPLER\): nfe_budget=3 is below one rollout: .* of the "
+                       r"custom sampler's SIGMAS"):  # fmt: skip
+        run_sampler(dts_sampler(jpeg_reward, nfe_budget=3), torch.zeros(1, 4, 8, 8), sigmas, seed=0)
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[1] = 1.0
+    with pytest.raises(ValueError, match=r"different latents.*the batch size sets the number of outputs"):
+        run_sampler(dts_sampler(jpeg_reward), latents, sigmas, seed=0)
+
+
+def test_a_kept_tree_continues_through_the_sampler_function(comfy_host, jpeg_reward):
+    """DTS Sampler's path: keep_tree puts the tree in info, tree= continues it with more budget."""
+    sigmas = torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0])
+    latent = torch.zeros(1, 4, 8, 8)
+    options = nodes.tree_options("sample", 2.0, 1.0)
+
+    def ksampler(nfe_budget, tree=None):
+        return sampling.dts_ksampler(TinyVAE(), jpeg_reward, "", nfe_budget=nfe_budget, tree=tree, keep_tree=True,
+                                     **options)  # fmt: skip
+
+    first = ksampler(16)
+    run_sampler(first, latent, sigmas, seed=1)
+    tree = first.extra_options["info"]["tree"]
+    second = ksampler(8, tree)
+    run_sampler(second, latent, sigmas, seed=1)
+    target = tree.sampler.nfe + 8
+    assert f"/{target};" in sampling.summarize(second.extra_options["info"]) and target <= 24
+    assert second.extra_options["info"]["tree"].sampler.nfe > tree.sampler.nfe
+    with pytest.raises(ValueError, match="cannot continue the given tree: steps=3"):
+        run_sampler(ksampler(8, tree), latent, sigmas[1:], seed=1)
