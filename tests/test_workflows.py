@@ -40,6 +40,7 @@ def widget_names(node_type: str) -> list[str]:
 def test_there_are_ui_workflows_with_api_twins_and_example_copies():
     assert {p.stem for p in UI_FILES} >= {
         "sd15_image_reward_dts", "sdxl_dts_star_search", "sampler_custom_advanced_dts", "tiny_cpu_dts",
+        "sd15_dts_anytime_tree",
     }  # fmt: skip
     for path in UI_FILES:
         assert (WORKFLOWS / f"{path.stem}_api.json").is_file()
@@ -93,3 +94,13 @@ def test_api_twin_has_the_same_graph_and_valid_values(path):
             names = widget_names(node["class_type"])
             ui_values = {n: v for n, v in zip(names, ui_node["widgets_values"], strict=True) if n}
             assert ui_values == {k: v for k, v in node["inputs"].items() if not isinstance(v, list)}
+
+
+def test_the_anytime_workflow_continues_the_first_samplers_tree_with_the_same_settings():
+    api = json.loads((WORKFLOWS / "sd15_dts_anytime_tree_api.json").read_text())
+    first, second = api["6"]["inputs"], api["10"]["inputs"]
+    assert second["tree"] == ["6", 3] and NODE_CLASS_MAPPINGS["DTSSampler"].RETURN_NAMES[3] == "tree"
+    assert {k: v for k, v in first.items() if k != "nfe_budget"} == {
+        k: v for k, v in second.items() if k not in ("nfe_budget", "tree")
+    }
+    assert api["7"]["inputs"]["samples"] == ["10", 0]
