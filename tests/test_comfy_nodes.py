@@ -4,10 +4,13 @@ method run through DTS SAMPLER on a tiny model."""
 import re
 import sys
 import types
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
 from dts_diffusers.comfy_nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, nodes, sampling
+from packaging.requirements import Requirement
 
 from dts_diffusers.k_sampling import method_label
 from dts_diffusers.methods import METHODS
@@ -310,3 +313,40 @@ def test_a_kept_tree_continues_through_the_sampler_function(comfy_host, jpeg_rew
     assert second.extra_options["info"]["tree"].sampler.nfe > tree.sampler.nfe
     with pytest.raises(ValueError, match="cannot continue the given tree: steps=3"):
         run_sampler(ksampler(8, tree), latent, sigmas[1:], seed=1)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pyproject() -> dict:
+    return pytest.importorskip("tomllib").loads((ROOT / "pyproject.toml").read_text())  # Python >= 3.11
+
+
+def test_the_registry_icon_is_a_raw_url_of_a_square_svg_in_this_repository():
+    """The Comfy registry shows `Icon` (a URL; SVG/PNG, square, at most 400 px)."""
+    project = pyproject()
+    raw = project["project"]["urls"]["Repository"].replace("github.com", "raw.githubusercontent.com") + "/main/"
+    icon = project["tool"]["comfy"]["Icon"]
+    assert icon.startswith(raw)
+    svg = ElementTree.parse(ROOT / icon.removeprefix(raw)).getroot()
+    width, height = int(svg.get("width")), int(svg.get("height"))
+    assert width == height <= 400 and svg.get("viewBox") == f"0 0 {width} {height}"
+
+
+def test_requirements_txt_lists_the_packages_needs_with_the_packages_bounds():
+    """ComfyUI-Manager installs requirements.txt for a cloned pack: huggingface_hub (the rewards' weights) is not in
+    ComfyUI's list; the bounds are pyproject's."""
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = [Requirement(line) for line in lines if line and not line.startswith("#")]
+    project = pyproject()["project"]["dependencies"]
+    bounds = {Requirement(r).name: Requirement(r).specifier for r in project}
+    assert [r.name for r in listed] == ["huggingface_hub"]
+    assert all(r.specifier == bounds[r.name] for r in listed)
+
+
+def test_the_hpsv2_install_hint_works_for_a_cloned_pack(monkeypatch):
+    from dts_diffusers.rewards.hpsv2 import import_open_clip
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(ImportError, match=r"cloned pack.*pip install open_clip_torch \(it needs torchvision"):
+        import_open_clip()

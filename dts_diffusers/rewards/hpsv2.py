@@ -1,6 +1,7 @@
 """HPSv2.1 (Wu et al. 2023): an open_clip ViT-H-14 fine-tuned on human preferences; score = cos(image, prompt).
 
-open_clip is an optional dependency (`pip install "dts-diffusers[hpsv2]"`), imported only when this reward is built.
+open_clip is an optional dependency (`pip install "dts-diffusers[hpsv2]"`; in ComfyUI, which ships torchvision, or a
+clone, `pip install open_clip_torch`), imported only when this reward is built.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def import_open_clip():
         import open_clip
     except ImportError as err:
         raise ImportError(
-            "the 'hpsv2' reward needs open_clip: pip install 'dts-diffusers[hpsv2]' (or pip install open_clip_torch)"
+            "the 'hpsv2' reward needs open_clip. In ComfyUI, or for a cloned pack, run in its environment: pip install "
+            "open_clip_torch (it needs torchvision: ComfyUI has it; elsewhere install the torchvision that matches "
+            "your torch first, or pip replaces torch). An installed package: pip install 'dts-diffusers[hpsv2]'"
         ) from err
     return open_clip
 
