@@ -210,6 +210,7 @@ class DTSRunReport:
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("rewards", "summary")
     OUTPUT_IS_LIST = (True, False)
+    OUTPUT_NODE = True  # runs (and shows its summary) with nothing connected to its outputs
     FUNCTION = "report"
 
     @classmethod

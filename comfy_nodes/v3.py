@@ -46,6 +46,7 @@ def v3_node(node_id: str, classic: type) -> type[io.ComfyNode]:
         return io.Schema(
             node_id=node_id, display_name=NODE_DISPLAY_NAME_MAPPINGS[node_id], category=classic.CATEGORY,
             description=classic.DESCRIPTION, inputs=inputs, outputs=outputs,
+            is_output_node=getattr(classic, "OUTPUT_NODE", False),
         )  # fmt: skip
 
     @classmethod

@@ -5,7 +5,8 @@ The test builds a tiny SD 1.5-architecture checkpoint with ComfyUI's own modules
 level, zero-weight CLIP text encoder, random TAESD as the VAE), starts ComfyUI on the CPU with a temporary
 --base-directory holding that checkpoint and a link to this repository in custom_nodes/, and runs
 workflows/tiny_cpu_dts_api.json to saved images and reported rewards, with DTS and with a particle baseline picked by
-the sampler's `method` input.
+the sampler's `method` input; the SamplerCustomAdvanced workflow with DTS Run Report; and the anytime workflow, whose
+second sampler continues the first one's tree across two queue runs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,8 +135,13 @@ def execution_error(entry: dict) -> dict:
 
 def test_pack_is_listed_with_its_reward_folder(comfyui):
     info = comfyui["object_info"]
-    assert {"DTSRewardLoader", "DTSSampler", "DTSSamplerSelect"} <= set(info)
+    assert {"DTSRewardLoader", "DTSSampler", "DTSSamplerSelect", "DTSRunReport"} <= set(info)
     assert info["DTSSampler"]["display_name"] == "DTS Sampler"
+    assert info["DTSSamplerSelect"]["display_name"] == "DTS Sampler (SAMPLER)"
+    ours = [info[node]["display_name"].casefold() for node in info if node.startswith("DTS")]
+    assert len(set(ours)) == len(ours) == 4  # distinct as the node search compares them
+    assert info["DTSSampler"]["output_name"] == ["latent", "rewards", "summary", "tree"]
+    assert info["DTSSampler"]["input"]["optional"]["tree"][0] == "DTS_TREE"
     weights = info["DTSRewardLoader"]["input"]["required"]["weights"]
     assert "empty-weights" in weights[1]["options"]
     status, stats = request(f"{comfyui['url']}/system_stats")
@@ -196,6 +203,10 @@ def test_wrong_inputs_are_node_errors_and_the_server_keeps_serving(comfyui):
     error = execution_error(run(comfyui, with_inputs(SAMPLER_NODE, eta=0.0)))
     assert error["node_id"] == SAMPLER_NODE and "eta must be > 0" in error["exception_message"]
 
+    error = execution_error(run(comfyui, with_inputs("5", options="{'quality': 50}")))
+    assert error["node_id"] == "5" and error["exception_message"].startswith("options: not valid JSON")
+    assert "accepts: quality" in error["exception_message"]
+
     missing = with_inputs("5", reward_name="image-reward", weights="empty-weights", device="cpu")
     error = execution_error(run(comfyui, missing))
     assert error["node_id"] == "5" and "empty-weights" in error["exception_message"]
@@ -212,8 +223,46 @@ def test_dts_sampler_in_sampler_custom_advanced(comfyui):
     workflow["5"]["inputs"].update(reward_name="jpeg-compressibility", weights="(none)", device="cpu")
     workflow["6"]["inputs"].update(nfe_budget=12, rollout_batch=3)
     workflow["9"]["inputs"]["steps"] = 3
+    workflow["13"] = {"class_type": "DTSRunReport", "inputs": {"sampler": ["6", 0], "samples": ["10", 0]}}
     for method in ("dts", "smc"):
         workflow["6"]["inputs"]["method"] = method
         entry = run(comfyui, workflow)
         assert entry["status"]["status_str"] == "success", (method, entry["status"])
         assert len(entry["outputs"]["12"]["images"]) == 2  # as many samples as the latent batch
+        assert len(entry["outputs"]["13"]["rewards"]) == 2
+        assert entry["outputs"]["13"]["text"][0].startswith(f"{method.upper()}: rewards [")
+    workflow["6"]["inputs"].update(nfe_budget=2, sigmas=["9", 0])  # the budget is checked on the SAMPLER node
+    error = execution_error(run(comfyui, workflow))
+    assert error["node_id"] == "6" and "nfe_budget=2 is below one rollout" in error["exception_message"]
+
+
+def test_both_samplers_give_as_many_samples_as_the_latent_batch(comfyui):
+    workflow = with_inputs(SAMPLER_NODE, num_outputs=0)
+    workflow["4"]["inputs"]["batch_size"] = 3
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(entry["outputs"]["8"]["images"]) == 3 and len(entry["outputs"][SAMPLER_NODE]["rewards"]) == 3
+
+
+def test_a_second_queue_run_continues_the_cached_tree_with_more_budget(comfyui):
+    workflow = json.loads((ROOT / "workflows" / "sd15_dts_anytime_tree_api.json").read_text())
+    workflow["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    workflow["4"]["inputs"].update(width=64, height=64)
+    workflow["5"]["inputs"].update(reward_name="jpeg-compressibility", weights="(none)", device="cpu")
+    for node, budget in (("6", 8), ("10", 8)):
+        workflow[node]["inputs"].update(steps=4, nfe_budget=budget, num_outputs=2, rollout_batch=2)
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "NFE 8/8;" in entry["outputs"]["6"]["text"][0]  # two whole rollouts of 4 steps
+    assert re.search(r"NFE (9|1[0-6])/16;", entry["outputs"]["10"]["text"][0])  # 8 more on the same tree
+    assert len(entry["outputs"]["8"]["images"]) == 2
+
+    workflow["10"]["inputs"]["nfe_budget"] = 16  # queue again with more budget: the first tree comes from the cache
+    entry = run(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    cached = next(data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached")
+    assert "6" in cached and re.search(r"NFE (9|1\d|2[0-4])/24;", entry["outputs"]["10"]["text"][0])
+
+    workflow["10"]["inputs"]["lam"] = 2.0  # a tree continues only the target it was grown for
+    error = execution_error(run(comfyui, workflow))
+    assert error["node_id"] == "10" and "lam=2.0 (the tree has 10.0)" in error["exception_message"]
