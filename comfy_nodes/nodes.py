@@ -43,7 +43,7 @@ def reward_names() -> list[str]:
 
 
 def search_inputs() -> dict:
-    """Inputs shared by DTS Sampler and DTS SAMPLER: the tree's target and budget."""
+    """Inputs shared by DTS Sampler and DTS Sampler (SAMPLER): the tree's target and budget."""
     return {
         "mode": (["sample", "search"], {"default": "sample", "tooltip": "sample: draw the outputs from "
                                         "p·exp(λ·r); search: return the best found (DTS* with method dts)"}),

@@ -1,5 +1,5 @@
 """The ComfyUI nodes without ComfyUI: schemas ComfyUI can render, bad inputs rejected with clear messages, and every
-method run through DTS SAMPLER on a tiny model."""
+method run through DTS Sampler (SAMPLER) on a tiny model."""
 
 import re
 import sys
@@ -193,8 +193,8 @@ class TinyVAE:
 
 @pytest.fixture
 def comfy_host(monkeypatch):
-    """The two ComfyUI 0.8.0 names DTS SAMPLER's path uses: `comfy.samplers.KSAMPLER` (the SAMPLER: a sampler function
-    and its extra options) and `comfy.model_management.throw_exception_if_processing_interrupted`."""
+    """The two ComfyUI 0.8.0 names DTS Sampler (SAMPLER)'s path uses: `comfy.samplers.KSAMPLER` (the SAMPLER: a
+    sampler function and its extra options) and `comfy.model_management.throw_exception_if_processing_interrupted`."""
     comfy = types.ModuleType("comfy")
     comfy.samplers = types.ModuleType("comfy.samplers")
     comfy.model_management = types.ModuleType("comfy.model_management")
