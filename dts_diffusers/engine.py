@@ -80,6 +80,17 @@ def call_prior(prior: Prior, n: int, generators: list[torch.Generator], shape: t
     return x
 
 
+def level_shares(open_levels: list[int], num_steps: int, beta: float, equal_top: int = 0) -> dict[int, float]:
+    """The frontier's target share of expansions per level (the root's x_T seeds first): a new child at level ℓ
+    costs ℓ NFE (a seed: the whole chain), so shares ∝ cost^-β (β = 0: equal counts, 1: equal NFE); the top
+    `equal_top` levels keep the equal share 1/len(levels) whatever their cost, and the rest split what remains."""
+    even = 1.0 / len(open_levels)
+    top, rest = open_levels[:equal_top], open_levels[equal_top:]
+    weights = {lv: min(lv, num_steps) ** -beta for lv in rest}
+    left = 1.0 - even * len(top)
+    return {lv: even for lv in top} | {lv: left * w / sum(weights.values()) for lv, w in weights.items()}
+
+
 def as_device(value, name: str) -> torch.device | None:
     """`torch.device(value)` with a ValueError that names the argument (torch raises RuntimeError)."""
     if value is None:
@@ -174,7 +185,8 @@ class DTS:
       the node of that level furthest below its share of them, shares ∝ m(n) = m(parent)·exp(κ·λ·Δh)/K(parent):
       SMC's resampling carried out over time, with the tree's reuse (rollouts start at every level).
       ``level_cost_exponent`` β makes the levels' shares of expansions ∝ cost^-β (a child at level ℓ costs ℓ NFE):
-      0 gives every level equal counts, 1 equal NFE.
+      0 gives every level equal counts, 1 equal NFE; ``equal_share_levels`` k keeps the top k (the root's x_T seeds
+      first) at the equal share whatever their cost (README: measured, neither wins every task).
     - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
       ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
 
@@ -212,6 +224,7 @@ class DTS:
         search_greed: float = 4.0,
         search_backup: str = "max",
         level_cost_exponent: float = 0.0,
+        equal_share_levels: int = 0,
         batch_size: int = 16,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -234,6 +247,13 @@ class DTS:
         if not 0 <= level_cost_exponent <= 1:
             raise ValueError(f"level_cost_exponent must lie in [0, 1] (got {level_cost_exponent})")
         self.level_cost_exponent = level_cost_exponent
+        if (
+            isinstance(equal_share_levels, bool)
+            or not isinstance(equal_share_levels, numbers.Integral)
+            or equal_share_levels < 0
+        ):
+            raise ValueError(f"equal_share_levels must be an integer >= 0 (got {equal_share_levels!r})")
+        self.equal_share_levels = int(equal_share_levels)
         if search_backup not in ("max", "soft"):
             raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
         batch_size = positive_int(batch_size, "batch_size")
@@ -258,6 +278,9 @@ class DTS:
         self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
         self._guided = estimator in ("nested", "frontier")
         self._frontier = estimator == "frontier" and mode == "sample"  # search descends from the root (below)
+        self._level_shares = level_shares(
+            [num_steps + 1, *self.node_levels[:-1]], num_steps, level_cost_exponent, equal_share_levels
+        )
         if guide_trust is None:  # measured best per estimator (README): SMC-like frontier trusts x̂_0, top-down does not
             guide_trust = 1.0 if estimator == "frontier" else 0.0
         if not 0 <= guide_trust <= 1:
@@ -463,9 +486,8 @@ class DTS:
         tree = self.tree
         open_levels = [self.num_steps + 1, *rows_by_level]
         counts = self._expansions_by_level
-        # a new child at level ℓ costs ℓ NFE (a new x_T seed: the whole chain); level shares ∝ cost^-β, β = 0 equal
-        beta = self.level_cost_exponent
-        level = min(open_levels, key=lambda lv: (counts.get(lv, 0) + 1) * min(lv, self.num_steps) ** beta)
+        shares = self._level_shares
+        level = min(open_levels, key=lambda lv: (counts.get(lv, 0) + 1) / shares[lv])
         counts[level] = counts.get(level, 0) + 1
         node = ROOT
         if level <= self.num_steps:

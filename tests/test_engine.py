@@ -60,6 +60,19 @@ def test_cost_aware_level_shares_spend_equal_nfe_per_level():
         make(level_cost_exponent=2.0)
 
 
+def test_level_shares_keep_the_top_levels_even_and_split_the_rest_by_cost():
+    from dts_diffusers.engine import level_shares
+
+    levels = [21, 20, 16, 12, 8, 4]  # the root's x_T seeds, then each node level of a 20-step chain
+    assert level_shares(levels, 20, 0.0) == pytest.approx(dict.fromkeys(levels, 1 / 6))
+    shares = level_shares(levels, 20, 1.0, equal_top=1)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares[21] == pytest.approx(1 / 6)
+    below = {lv: share * min(lv, 20) for lv, share in shares.items() if lv != 21}  # NFE spent per level
+    assert max(below.values()) == pytest.approx(min(below.values()))
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=1).run(20_000).stats()
+    assert st["nfe_by_level"][21] == pytest.approx(st["nfe"] / 6 * 20 / st["nfe_per_leaf"], rel=0.02)
+
+
 def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
     st = make(seed=0).run(20_000).stats()
     # the frontier expands every level (x_T seeds included) equally often: (20 + 20 + 16 + 12 + 8 + 4) / 6 NFE a leaf
