@@ -13,15 +13,20 @@ scheduler's own `alphas_cumprod` / `sigmas` after `set_timesteps`, and reproduce
 
 Every step is written in one form, with x̂₀ and ε̂ derived from the model output by its `prediction_type`:
 ``x_prev = x_coef·x + x0_coef·x̂₀ + eps_coef·ε̂ + noise_coef·z``, the model seeing ``in_scale·x``.
+
+`FlowTransition` does the same for `FlowMatchEulerDiscreteScheduler` (SD3, FLUX), whose own step is deterministic:
+it takes the rectified-flow ancestral step of `dts_diffusers.k_sampling` on the scheduler's sigmas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
+from .k_sampling import ancestral_step_flow, forward_noise_flow
 from .noise import randn_rows
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -268,5 +273,101 @@ class SchedulerTransition:
             if len(generators) != n:
                 raise ValueError(f"prior needs one generator per row (got {len(generators)} for n={n})")
             return (self.init_noise_sigma * randn_rows(generators, shape, device=device)).to(dtype)
+
+        return draw
+
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_scheduler(scheduler) -> bool:
+    """Whether `FlowTransition` can take its sigmas: a flow-matching Euler scheduler (x = (1 − σ)·x₀ + σ·ε)."""
+    return type(scheduler).__name__ in FLOW_SCHEDULERS
+
+
+class FlowTransition:
+    """`transition(x, level, generators, return_x0=False)` for the DTS engine, from a flow-matching scheduler.
+
+    `FlowMatchEulerDiscreteScheduler` integrates the flow's ODE, so every child of a tree node would be the same. This
+    takes the rectified-flow ancestral step with noise level `eta` instead (`k_sampling.ancestral_step_flow`, the step
+    the ComfyUI sampler takes on SD3 / FLUX), between the scheduler's own sigmas after
+    `set_timesteps(num_steps, mu=mu)`: level L steps from `sigmas[num_steps - L]` to the next one. `denoise(x, t)`
+    returns the (guided) velocity v = ε − x₀ at `scheduler.timesteps[num_steps - L]`, so x̂₀ = x − σ·v.
+    """
+
+    def __init__(self, scheduler, denoise: Denoiser, num_steps: int, eta: float = 1.0, mu: float | None = None):
+        if not is_flow_scheduler(scheduler):
+            raise ValueError(
+                f"{type(scheduler).__name__} is not a flow-matching scheduler this transition supports; use "
+                f"{', '.join(FLOW_SCHEDULERS)}, e.g. `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config("
+                "pipe.scheduler.config)`"
+            )
+        if not 0 < eta <= 1:
+            raise ValueError(
+                f"eta must lie in (0, 1] (got eta={eta}): eta is the share of each flow step that is fresh noise. "
+                "With eta=0 the step is the deterministic Euler step, so every child of a node would be identical; "
+                "eta=1 (the default) is the full ancestral step"
+            )
+        scheduler.set_timesteps(num_steps, **({} if mu is None else {"mu": mu}))
+        sigmas = [float(sigma) for sigma in scheduler.sigmas]
+        if len(scheduler.timesteps) != num_steps or len(sigmas) != num_steps + 1:
+            raise ValueError(
+                f"{type(scheduler).__name__} made {len(scheduler.timesteps)} timesteps for num_steps={num_steps}; "
+                "the tree needs exactly one timestep per level"
+            )
+        if sigmas[-1] != 0 or sigmas[0] > 1 or any(hi <= lo for hi, lo in pairwise(sigmas)):
+            raise ValueError(
+                f"{type(scheduler).__name__} sigmas must fall from at most 1 to 0 (got {sigmas}); "
+                "invert_sigmas=True is not supported"
+            )
+        self.scheduler, self.denoise, self.num_steps, self.eta = scheduler, denoise, num_steps, eta
+        self.sigmas, self.timesteps = sigmas, scheduler.timesteps
+
+    def timestep(self, level: int) -> torch.Tensor:
+        return self.timesteps[self.num_steps - level]
+
+    def sigma(self, level: int) -> float:
+        """σ of the states at `level`: 1 (or the schedule's top) at x_T, 0 at x₀."""
+        return self.sigmas[self.num_steps - level]
+
+    def step(
+        self, x: torch.Tensor, velocity: torch.Tensor, level: int, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(x_prev, x̂₀)` from a velocity, in float32 arithmetic, returned in x's dtype; pure."""
+        sigma_from, sigma_to = self.sigma(level), self.sigma(level - 1)
+        sample = x.float()
+        x0 = sample - sigma_from * velocity.float()
+        x_prev = x0 if noise is None else ancestral_step_flow(sample, x0, sigma_from, sigma_to, noise.float(), self.eta)
+        return x_prev.to(x.dtype), x0.to(x.dtype)
+
+    def __call__(
+        self, x: torch.Tensor, level: int, generators: Sequence[torch.Generator], return_x0: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not 1 <= level <= self.num_steps:
+            raise ValueError(f"level must lie in 1..{self.num_steps} (got {level})")
+        velocity = self.denoise(x, self.timestep(level))
+        noise = randn_rows(generators, x.shape[1:], device=x.device) if level > 1 else None
+        x_prev, x0 = self.step(x, velocity, level, noise)
+        return (x_prev, x0) if return_x0 else x_prev
+
+    def renoise(
+        self, x: torch.Tensor, from_level: int, to_level: int, generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """Draw x at `to_level` from the forward process q(x_to | x_from), for from_level < to_level; pure."""
+        if not 0 <= from_level < to_level <= self.num_steps:
+            raise ValueError(
+                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
+                f"(got {from_level} -> {to_level})"
+            )
+        noise = randn_rows(generators, x.shape[1:], device=x.device)
+        return forward_noise_flow(x.float(), self.sigma(from_level), self.sigma(to_level), noise).to(x.dtype)
+
+    def prior(self, shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        """`prior(n, generators)` drawing x_T = z, row i from generators[i], as StableDiffusion3Pipeline starts."""
+
+        def draw(n: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+            if len(generators) != n:
+                raise ValueError(f"prior needs one generator per row (got {len(generators)} for n={n})")
+            return randn_rows(generators, shape, device=device).to(dtype)
 
         return draw
