@@ -40,6 +40,9 @@ Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
 Transition = Callable[..., torch.Tensor]
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
+LEVEL_ALLOCATIONS = ("fixed", "neyman")
+NEYMAN_WARMUP = 16  # children a level makes before its sibling spread steers the frontier's level shares
+NEYMAN_EVERY = 8  # batches between two measurements of the spreads
 ESTIMATORS = ("nested", "frontier", "held-out", "paper")
 WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
@@ -89,6 +92,16 @@ def level_shares(open_levels: list[int], num_steps: int, beta: float, equal_top:
     weights = {lv: min(lv, num_steps) ** -beta for lv in rest}
     left = 1.0 - even * len(top)
     return {lv: even for lv in top} | {lv: left * w / sum(weights.values()) for lv, w in weights.items()}
+
+
+def sibling_spread(values: np.ndarray, parents: np.ndarray) -> float:
+    """The pooled within-parent standard deviation of `values` (NaN while fewer than two rows share a parent)."""
+    groups, index, sizes = np.unique(parents, return_inverse=True, return_counts=True)
+    dof = len(values) - len(groups)
+    if dof < 1:
+        return math.nan
+    means = np.bincount(index, weights=values) / sizes
+    return float(np.sqrt(((values - means[index]) ** 2).sum() / dof))
 
 
 def as_device(value, name: str) -> torch.device | None:
@@ -225,6 +238,7 @@ class DTS:
         search_backup: str = "max",
         level_cost_exponent: float = 0.0,
         equal_share_levels: int = 0,
+        level_allocation: str = "fixed",
         batch_size: int = 16,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -254,6 +268,11 @@ class DTS:
         ):
             raise ValueError(f"equal_share_levels must be an integer >= 0 (got {equal_share_levels!r})")
         self.equal_share_levels = int(equal_share_levels)
+        if level_allocation not in LEVEL_ALLOCATIONS:
+            raise ValueError(f"level_allocation must be one of {LEVEL_ALLOCATIONS} (got {level_allocation!r})")
+        self.level_allocation = level_allocation
+        self._level_spread: dict[int, float] = {}  # per expanded level: spread of λ·V among siblings (neyman)
+        self._batches = 0
         if search_backup not in ("max", "soft"):
             raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
         batch_size = positive_int(batch_size, "batch_size")
@@ -472,9 +491,35 @@ class DTS:
                 par = parent[rows]
                 tilt = self.lam * self._trust[above] * (guide[rows] - np.where(par == ROOT, 0.0, guide[par]))
                 unsplit[rows] = mass[par] * np.exp(tilt - tilt.max())
+
                 mass[rows] = unsplit[rows] / kids[par]
             above = level
+        if self.level_allocation == "neyman" and self._batches % NEYMAN_EVERY == 0:  # spreads move slowly
+            self._measure_level_spreads(finished, levels, parent)
+        self._batches += 1
         return unsplit, by_level
+
+    def _measure_level_spreads(self, finished: np.ndarray, levels: np.ndarray, parent: np.ndarray) -> None:
+        """Per expanded level, the pooled spread of λ·V among siblings (V: the soft value of each child's subtree,
+        a leaf's reward): how much the outcome still depends on the choice made at that level."""
+        values = self.tree.value_np[: self.tree.size]
+        below = {up: down for up, down in zip(self.node_levels, self.node_levels[1:], strict=False)}
+        below[self.num_steps + 1] = self.num_steps  # the root's children are the x_T seeds
+        for up, down in below.items():
+            rows = finished[levels[finished] == down]
+            if rows.size:
+                self._level_spread[up] = sibling_spread(self.lam * values[rows], parent[rows])
+
+    def _neyman_shares(self, open_levels: list[int]) -> dict[int, float] | None:
+        """Cochran's optimal allocation for strata with costs, n_ℓ ∝ S_ℓ / √c_ℓ: S_ℓ the spread of λ·V among the
+        siblings a level's expansions made (what one more child there can change), c_ℓ its NFE. None (fixed shares)
+        until every level has made enough children to measure it. The shares read values below each level as a
+        whole, never one node's own, so the bias this adds to a node's child count is diluted across its level."""
+        counts, spread = self._expansions_by_level, self._level_spread
+        if any(counts.get(lv, 0) < NEYMAN_WARMUP or not math.isfinite(spread.get(lv, math.nan)) for lv in open_levels):
+            return None
+        floor = 0.1 * max(spread[lv] for lv in open_levels)  # a level whose children agree still gets some
+        return {lv: max(spread[lv], floor, 1e-12) / math.sqrt(min(lv, self.num_steps)) for lv in open_levels}
 
     def _select_frontier(self, unsplit: np.ndarray, rows_by_level: dict[int, np.ndarray]) -> _Item:
         """Expand anywhere in the tree: the level (the root's x_T seeds included) with the fewest expansions so far,
@@ -486,7 +531,8 @@ class DTS:
         tree = self.tree
         open_levels = [self.num_steps + 1, *rows_by_level]
         counts = self._expansions_by_level
-        shares = self._level_shares
+        shares = self._neyman_shares(open_levels) if self.level_allocation == "neyman" else None
+        shares = shares or self._level_shares
         level = min(open_levels, key=lambda lv: (counts.get(lv, 0) + 1) / shares[lv])
         counts[level] = counts.get(level, 0) + 1
         node = ROOT

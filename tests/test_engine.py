@@ -73,6 +73,23 @@ def test_level_shares_keep_the_top_levels_even_and_split_the_rest_by_cost():
     assert st["nfe_by_level"][21] == pytest.approx(st["nfe"] / 6 * 20 / st["nfe_per_leaf"], rel=0.02)
 
 
+def test_sibling_spread_pools_the_variance_within_parents():
+    from dts_diffusers.engine import sibling_spread
+
+    values, parents = np.array([1.0, 3.0, 10.0, 14.0, 7.0]), np.array([5, 5, 6, 6, 9])  # 9: an only child
+    assert sibling_spread(values, parents) == pytest.approx(math.sqrt((1 + 1 + 4 + 4) / (5 - 3)))
+    assert math.isnan(sibling_spread(np.array([1.0, 2.0]), np.array([0, 1])))
+
+
+def test_neyman_level_allocation_moves_expansions_to_where_outcomes_still_vary():
+    dts = make(seed=0, level_allocation="neyman").run(20_000)
+    counts = dts._expansions_by_level
+    assert counts[4] < 0.6 * min(counts[lv] for lv in (8, 12, 16))  # the last steps barely change a bimodal outcome
+    assert dts.stats()["draw_eligible_leaves"] == dts.stats()["leaves"]
+    with pytest.raises(ValueError, match="level_allocation must be one of"):
+        make(level_allocation="greedy")
+
+
 def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
     st = make(seed=0).run(20_000).stats()
     # the frontier expands every level (x_T seeds included) equally often: (20 + 20 + 16 + 12 + 8 + 4) / 6 NFE a leaf
