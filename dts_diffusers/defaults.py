@@ -33,6 +33,7 @@ class RunDefaults:
 
 STABLE_DIFFUSION = RunDefaults(steps=50, guidance_scale=7.5, branch_every=10, rollouts=16, num_images=4)
 STABLE_DIFFUSION_XL = replace(STABLE_DIFFUSION, guidance_scale=5.0)  # diffusers' SDXL default
+STABLE_DIFFUSION_3 = replace(STABLE_DIFFUSION, steps=28, guidance_scale=7.0)  # diffusers' SD3 defaults
 
 
 def model_defaults(folder: str | Path | None, family: RunDefaults = STABLE_DIFFUSION) -> RunDefaults:

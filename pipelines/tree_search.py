@@ -1,4 +1,4 @@
-"""What DTSPipeline and DTSXLPipeline share: the guided denoiser, the reward on decoded images, and the tree loop.
+"""What the DTS pipelines share: the guided denoiser, the reward on decoded images, and the tree loop.
 
 Each pipeline's `__call__` encodes its prompts its own way and hands one conditioning per prompt to `_grow_trees`,
 which grows one tree per prompt with the engine and draws the images from it.
@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from diffusers import DDIMScheduler
@@ -26,7 +27,7 @@ from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
 from dts_diffusers.particles import NOT_DIFFERENTIABLE
 from dts_diffusers.rewards import Reward, as_reward, reward_names
-from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, SchedulerTransition, stochastic_kind
+from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, FlowTransition, SchedulerTransition, stochastic_kind
 
 logger = logging.get_logger(__name__)
 
@@ -262,6 +263,9 @@ class TreeSearchMixin:
 
     _upcast_fp16_vae = False  # the SDXL VAE overflows in fp16 (its config says force_upcast)
     _clip_skip_reads_text_model = False  # StableDiffusionPipeline.encode_prompt applies text_model.final_layer_norm
+    _unsupported_arguments: ClassVar[dict[str, str]] = {}  # parent arguments a tree cannot honour, beyond the shared
+    _attention_kwargs_name = "cross_attention_kwargs"
+    _eta_fix = "DDIM's noise scale; eta > 0 (the paper uses eta=1), eta=0 makes children identical"
 
     def run_defaults(self, family: RunDefaults) -> RunDefaults:
         """Steps and guidance for arguments left out: the model folder's `dts_defaults.json`, else `family`'s, the
@@ -294,9 +298,10 @@ class TreeSearchMixin:
         extra,
     ) -> list[str]:
         """Check every argument of the tree search before any model runs; returns the callback's tensor inputs."""
+        unsupported = {**UNSUPPORTED_ARGUMENTS, **self._unsupported_arguments}
         for name in extra:
-            if name in UNSUPPORTED_ARGUMENTS:
-                raise ValueError(f"{name}= is not supported by {type(self).__name__}: {UNSUPPORTED_ARGUMENTS[name]}")
+            if name in unsupported:
+                raise ValueError(f"{name}= is not supported by {type(self).__name__}: {unsupported[name]}")
             raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {name!r}")
         factor = self.vae_scale_factor
         height = check_integer("height", height, f"a multiple of the VAE scale factor {factor}")
@@ -324,8 +329,7 @@ class TreeSearchMixin:
                     f"nfe_budget={nfe_budget} is below one rollout: a new tree's first sample costs "
                     f"num_inference_steps={steps} NFE; give at least that"
                 )
-        check_real("eta", eta, "DDIM's noise scale; eta > 0 (the paper uses eta=1), eta=0 makes children identical",
-                   minimum=0, strict=True)  # fmt: skip
+        check_real("eta", eta, self._eta_fix, minimum=0, strict=True)
         check_real("guidance_scale", guidance_scale, "classifier-free guidance weight; 1 or less turns it off")
         check_real("guidance_rescale", guidance_rescale, "0 turns the rescale off, 0.7 is the usual value", minimum=0)
         check_real("c_uct", c_uct, "the exploration constant of search mode, >= 0", minimum=0)
@@ -358,7 +362,9 @@ class TreeSearchMixin:
         """The number of prompts; embeddings must be [prompts, tokens, the UNet's cross-attention width]. Checked
         before diffusers' `check_inputs`, which reads `.shape` of whatever it is given."""
         if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
-            raise TypeError(f"cross_attention_kwargs must be a dict or None (got {type(attention_kwargs).__name__})")
+            raise TypeError(
+                f"{self._attention_kwargs_name} must be a dict or None (got {type(attention_kwargs).__name__})"
+            )
         if clip_skip is not None:
             check_integer("clip_skip", clip_skip, "the text encoder layers to skip from the end; None skips none",
                           minimum=0)  # fmt: skip
@@ -372,7 +378,7 @@ class TreeSearchMixin:
                     "encode_prompt reads and this transformers version does not have; encode with clip_skip yourself "
                     "and pass prompt_embeds=, or leave clip_skip=None"
                 )
-        width = self.unet.config.cross_attention_dim
+        width, what = self._embedding_width()
         for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             if embeds is None:
                 continue
@@ -380,7 +386,7 @@ class TreeSearchMixin:
                 raise TypeError(f"{name} must be a floating-point tensor (got {type(embeds).__name__})")
             if embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[-1] != width:
                 raise ValueError(
-                    f"{name} must be shaped [prompts, tokens, {width}] (the UNet's cross_attention_dim) "
+                    f"{name} must be shaped [prompts, tokens, {width}] ({what}) "
                     f"(got {tuple(embeds.shape)}); encode the prompts with pipe.encode_prompt"
                 )
         if prompt_embeds is not None:
@@ -392,6 +398,16 @@ class TreeSearchMixin:
                 f"pass prompt= as a string or a non-empty list of strings, or prompt_embeds= (got prompt={prompt!r})"
             )
         return len(prompt)
+
+    def _embedding_width(self) -> tuple[int, str]:
+        """The width prompt embeddings must have, and what sets it (for the error message)."""
+        return self.unet.config.cross_attention_dim, "the UNet's cross_attention_dim"
+
+    def _transition(
+        self, scheduler, denoise: Callable, num_inference_steps: int, eta: float, latent_shape: tuple[int, ...]
+    ) -> SchedulerTransition | FlowTransition:
+        """The tree's stochastic step over `scheduler`; a pipeline whose schedulers step otherwise overrides it."""
+        return SchedulerTransition(scheduler, denoise, num_inference_steps, eta=eta)
 
     def _tree_scheduler(self):
         """The pipeline's scheduler if its step is stochastic; otherwise DDIM (the paper's choice) from its config."""
@@ -449,7 +465,8 @@ class TreeSearchMixin:
             std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
             latents = latents * std / config.scaling_factor + mean
         else:
-            latents = latents / config.scaling_factor
+            shift = getattr(config, "shift_factor", None) or 0.0  # SD3's VAE shifts; SD / SDXL VAEs have None
+            latents = latents / config.scaling_factor + shift
         with timer("vae_decode"):
             return torch.cat(
                 [self.vae.decode(chunk.to(self.vae.dtype), return_dict=False)[0] for chunk in latents.split(batch_size)]
@@ -540,8 +557,8 @@ class TreeSearchMixin:
         runs = []
         for index, prompt in enumerate(prompts):
             run = TreeRun(sampler=None)
-            transition = SchedulerTransition(
-                scheduler, self._denoiser(run.conditioning, timer, counts), num_inference_steps, eta=eta
+            transition = self._transition(
+                scheduler, self._denoiser(run.conditioning, timer, counts), num_inference_steps, eta, latent_shape
             )
             prior = self._prior(transition, latent_shape, run.conditioning)
             score = self._scorer(reward, prompt, vae_batch_size, timer, counts)
@@ -559,7 +576,9 @@ class TreeSearchMixin:
             runs.append(run)
         return runs
 
-    def _prior(self, transition: SchedulerTransition, shape: tuple[int, ...], conditioning: dict) -> Callable:
+    def _prior(
+        self, transition: SchedulerTransition | FlowTransition, shape: tuple[int, ...], conditioning: dict
+    ) -> Callable:
         """x_T in the dtype of the prompt's embeddings, which are known only once the prompt is encoded."""
         device = self._execution_device
 
