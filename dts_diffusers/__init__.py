@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "DTSPipeline": "dts_diffusers.pipelines",
     "DTSXLPipeline": "dts_diffusers.pipelines",
+    "DTSSD3Pipeline": "dts_diffusers.pipelines",
     "DTSPipelineOutput": "dts_diffusers.pipelines",
     "load_reward": "dts_diffusers.rewards",
     "as_reward": "dts_diffusers.rewards",

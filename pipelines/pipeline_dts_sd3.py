@@ -1,0 +1,242 @@
+"""Stable Diffusion 3 with Diffusion Tree Sampling in place of the denoising loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+from dts_diffusers.defaults import STABLE_DIFFUSION_3
+from dts_diffusers.schedulers import FLOW_SCHEDULERS, FlowTransition, is_flow_scheduler
+from dts_diffusers.tree import Widening
+
+from .output import DTSPipelineOutput
+from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, expand_rows, resolve_reward, reward_prompts
+
+SKIP_LAYER_GUIDANCE = "skip-layer guidance adds transformer passes outside the NFE accounting and is not supported"
+
+
+class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` that steers generation toward a reward with Diffusion Tree Sampling / Search.
+
+    Loading, devices, offloading and component swapping are the parent's. A call grows one tree per prompt with
+    `nfe_budget` guided denoising steps and draws `num_images_per_prompt` images from it, as `DTSPipeline` does.
+    SD3's FlowMatchEulerDiscreteScheduler integrates an ODE, whose steps cannot branch, so the tree steps between
+    its sigmas with the rectified-flow ancestral step of noise level `eta` (`FlowTransition`).
+    """
+
+    _unsupported_arguments: ClassVar[dict[str, str]] = {
+        "skip_guidance_layers": SKIP_LAYER_GUIDANCE,
+        "skip_layer_guidance_scale": SKIP_LAYER_GUIDANCE,
+        "skip_layer_guidance_start": SKIP_LAYER_GUIDANCE,
+        "skip_layer_guidance_stop": SKIP_LAYER_GUIDANCE,
+        "mu": "the schedule's shift comes from the scheduler config and the image size, as in the parent pipeline",
+    }
+    _attention_kwargs_name = "joint_attention_kwargs"
+    _eta_fix = "the flow step's noise level in (0, 1] (default 1); eta=0 is the ODE step, whose children are identical"
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        prompt_3: str | list[str] | None = None,
+        *,
+        reward=None,
+        reward_prompt: str | list[str] | None = None,
+        lam: float = 1.0,
+        nfe_budget: int | None = None,
+        mode: str = "sample",
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        negative_prompt_3: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = 256,
+        method: str = "dts",
+        branch_every: int | None = None,
+        branch_levels: list[int] | None = None,
+        widening: Widening | str = "default",
+        c_uct: float = 1.0,
+        rollout_batch_size: int = 16,
+        vae_batch_size: int = 4,
+        latent_cache_bytes: int | None = None,
+        latent_cache_device: str | torch.device | None = None,
+        tree: list | None = None,
+        method_options: dict | None = None,
+        **kwargs,
+    ) -> DTSPipelineOutput | tuple:
+        r"""Generate images steered toward `reward`.
+
+        The tree's arguments (reward, reward_prompt, lam, nfe_budget, mode, method, branch_every / branch_levels,
+        widening, c_uct, rollout_batch_size, vae_batch_size, latent_cache_bytes / latent_cache_device, tree,
+        method_options, callback_on_step_end, generator) are `DTSPipeline.__call__`'s; all but the three prompts are
+        keyword-only. The rest are StableDiffusion3Pipeline's, except:
+            num_inference_steps / guidance_scale: left out, the model folder's `dts_defaults.json`, else SD3's 28 / 7.0.
+                One NFE is one guided step of one sample (two transformer rows with classifier-free guidance,
+                counted in `output.unet_evals`).
+            eta: the noise level of the rectified-flow ancestral step, in (0, 1] (default 1, the full ancestral
+                step); eta=0 raises, since every child of a node would be identical.
+            latents, sigmas, mu, skip-layer guidance and IP-Adapter are not supported (they raise).
+        Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns: `(images,)`.
+        """
+        defaults = self.run_defaults(family=STABLE_DIFFUSION_3)  # the folder's dts_defaults.json, else SD3's
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        tensor_inputs = self._check_tree_inputs(
+            height=height, width=width, lam=lam, mode=mode, method=method, nfe_budget=nfe_budget,
+            num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
+            guidance_scale=guidance_scale, guidance_rescale=0.0, c_uct=c_uct, rollout_batch_size=rollout_batch_size,
+            vae_batch_size=vae_batch_size, latent_cache_bytes=latent_cache_bytes,
+            latent_cache_device=latent_cache_device, output_type=output_type,
+            tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
+        )  # fmt: skip
+        batch = self._check_prompt_inputs(
+            prompt, prompt_embeds, negative_prompt_embeds, clip_skip, joint_attention_kwargs
+        )
+        self.check_inputs(
+            prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            callback_on_step_end_tensor_inputs=tensor_inputs, max_sequence_length=max_sequence_length,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._joint_attention_kwargs = joint_attention_kwargs
+        self._interrupt = False
+        device = self._execution_device
+        reward = resolve_reward(reward, device)
+        timer = PhaseTimer(device)
+        counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
+        call_start = time.perf_counter()
+        factor = self.vae_scale_factor
+        latent_shape = (self.transformer.config.in_channels, height // factor, width // factor)
+        runs = self._prepare_trees(
+            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
+            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, method_options=method_options, method=method,
+            lam=lam, mode=mode, branch_every=branch_every, branch_levels=branch_levels, widening=widening,
+            c_uct=c_uct, rollout_batch_size=rollout_batch_size, latent_cache_bytes=latent_cache_bytes,
+            latent_cache_device=latent_cache_device, vae_batch_size=vae_batch_size, timer=timer, counts=counts,
+        )  # fmt: skip
+
+        # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=self.do_classifier_free_guidance, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device, clip_skip=self.clip_skip,
+            num_images_per_prompt=1, max_sequence_length=max_sequence_length,
+            lora_scale=(joint_attention_kwargs or {}).get("scale"),
+        )  # fmt: skip
+        for i, run in enumerate(runs):
+            if self.do_classifier_free_guidance:
+                hidden = torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
+                pooled = torch.stack([negative_pooled_prompt_embeds[i], pooled_prompt_embeds[i]])
+            else:
+                hidden, pooled = prompt_embeds[i : i + 1], pooled_prompt_embeds[i : i + 1]
+            run.conditioning.update(encoder_hidden_states=hidden.to(device), pooled_projections=pooled.to(device))
+
+        # 2. grow one tree per prompt and draw the images from it
+        latents, rewards, trees, interrupted = self._grow_trees(
+            runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt, rollout_batch_size=rollout_batch_size,
+            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
+        )  # fmt: skip
+
+        # 3. decode and postprocess as StableDiffusion3Pipeline does
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(
+                self._decode_latents(latents, vae_batch_size, timer), output_type=output_type
+            )
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DTSPipelineOutput(
+            images=images,
+            rewards=rewards,
+            nfe=counts["nfe"],
+            unet_evals=counts["unet_evals"],
+            reward_calls=counts["reward_calls"],
+            timings={**timer.seconds, "total": time.perf_counter() - call_start},
+            trees=trees,
+            distinct_samples=distinct_samples(trees),
+            interrupted=interrupted,
+        )
+
+    def _embedding_width(self) -> tuple[int, str]:
+        return self.transformer.config.joint_attention_dim, "the transformer's joint_attention_dim"
+
+    def _tree_scheduler(self):
+        """The pipeline's flow-matching scheduler; the tree takes only its sigmas, never its (deterministic) step."""
+        if not is_flow_scheduler(self.scheduler):
+            raise ValueError(
+                f"{type(self).__name__} steps between the sigmas of a flow-matching scheduler "
+                f"({', '.join(FLOW_SCHEDULERS)}), not {type(self.scheduler).__name__}; set "
+                "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`"
+            )
+        return self.scheduler
+
+    def _transition(
+        self, scheduler, denoise: Callable, num_inference_steps: int, eta: float, latent_shape: tuple[int, ...]
+    ) -> FlowTransition:
+        """The flow step over the schedule the parent would use, its shift `mu` set from the image size when the
+        scheduler shifts dynamically."""
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting", False):
+            patch = self.transformer.config.patch_size
+            mu = calculate_shift(
+                (latent_shape[1] // patch) * (latent_shape[2] // patch),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
+            )
+        return FlowTransition(scheduler, denoise, num_inference_steps, eta=eta, mu=mu)
+
+    def _denoiser(self, conditioning: dict, timer: PhaseTimer, counts: dict) -> Callable:
+        """`denoise(x, t)`: one guided velocity per row; 2 transformer rows per row with CFG."""
+        guided = self.do_classifier_free_guidance
+
+        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_input = torch.cat([x, x]) if guided else x
+            with timer("unet"):
+                output = self.transformer(
+                    hidden_states=model_input,
+                    timestep=t.to(x.device).expand(model_input.shape[0]),
+                    **expand_rows(conditioning, x.shape[0]),
+                    joint_attention_kwargs=self.joint_attention_kwargs,
+                    return_dict=False,
+                )[0]
+            counts["unet_evals"] += model_input.shape[0]
+            if not guided:
+                return output
+            uncond, text = output.chunk(2)
+            return uncond + self.guidance_scale * (text - uncond)
+
+        return denoise
