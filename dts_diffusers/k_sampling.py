@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .engine import WIDENINGS, default_branch_levels
 from .methods import METHODS, TREE_PRESETS, build_sampler, searches
-from .noise import randn_rows
+from .noise import check_renoise_levels, randn_rows
 from .tree import Widening
 
 Denoiser = Callable[..., torch.Tensor]
@@ -161,11 +161,7 @@ class SigmaChain:
         self, x: torch.Tensor, from_level: int, to_level: int, generators: list[torch.Generator]
     ) -> torch.Tensor:
         """Draw x at `to_level` from the forward process q(x_to | x_from): how DFS backtracks up the chain."""
-        if not 0 <= from_level < to_level <= self.num_steps:
-            raise ValueError(
-                f"renoise goes up the chain: need 0 <= from_level < to_level <= num_steps={self.num_steps} "
-                f"(got from_level={from_level}, to_level={to_level})"
-            )
+        check_renoise_levels(from_level, to_level, self.num_steps)
         sigma_from = float(self.sigmas[self.num_steps - from_level])
         sigma_to = float(self.sigmas[self.num_steps - to_level])
         noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype)

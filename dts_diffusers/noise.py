@@ -30,3 +30,12 @@ def randn_rows(
     rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]
     out = torch.stack(rows) if rows else torch.empty((0, *shape))
     return out.to(device=device, dtype=dtype)
+
+
+def check_renoise_levels(from_level: int, to_level: int, num_steps: int) -> None:
+    """`renoise(x, from_level, to_level, ...)` goes up a chain of `num_steps` levels (level 0 is x_0)."""
+    if not 0 <= from_level < to_level <= num_steps:
+        raise ValueError(
+            f"renoise goes up the chain: need 0 <= from_level < to_level <= {num_steps} (the chain's num_steps) "
+            f"(got from_level={from_level}, to_level={to_level})"
+        )

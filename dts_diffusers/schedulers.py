@@ -27,7 +27,7 @@ from itertools import pairwise
 import torch
 
 from .k_sampling import ancestral_step_flow, forward_noise_flow
-from .noise import randn_rows
+from .noise import check_renoise_levels, randn_rows
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -247,11 +247,7 @@ class SchedulerTransition:
         x_hi = sqrt(ᾱ_hi/ᾱ_lo)·x_lo + sqrt(1 − ᾱ_hi/ᾱ_lo)·ε with ᾱ from `alphas_cumprod`; in Euler ancestral's sigma
         space (x = x₀ + σ·ε) it is x_hi = x_lo + sqrt(σ_hi² − σ_lo²)·ε.
         """
-        if not 0 <= from_level < to_level <= self.num_steps:
-            raise ValueError(
-                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
-                f"(got {from_level} -> {to_level})"
-            )
+        check_renoise_levels(from_level, to_level, self.num_steps)
         signal_from, noise_from = self.state_scales(from_level)
         signal_to, noise_to = self.state_scales(to_level)
         gain = signal_to / signal_from
@@ -354,11 +350,7 @@ class FlowTransition:
         self, x: torch.Tensor, from_level: int, to_level: int, generators: Sequence[torch.Generator]
     ) -> torch.Tensor:
         """Draw x at `to_level` from the forward process q(x_to | x_from), for from_level < to_level; pure."""
-        if not 0 <= from_level < to_level <= self.num_steps:
-            raise ValueError(
-                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
-                f"(got {from_level} -> {to_level})"
-            )
+        check_renoise_levels(from_level, to_level, self.num_steps)
         noise = randn_rows(generators, x.shape[1:], device=x.device)
         return forward_noise_flow(x.float(), self.sigma(from_level), self.sigma(to_level), noise).to(x.dtype)
 

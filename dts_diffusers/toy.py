@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .engine import default_branch_levels
-from .noise import randn_rows
+from .noise import check_renoise_levels, randn_rows
 
 
 def linear_betas(num_steps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -86,11 +86,7 @@ class GaussianMixtureChain:
 
     def renoise(self, x: torch.Tensor, from_level: int, to_level: int, generators) -> torch.Tensor:
         """Exact draw of x at `to_level` from the forward process q(x_to | x_from), for from_level < to_level."""
-        if not 0 <= from_level < to_level <= self.num_steps:
-            raise ValueError(
-                f"renoise goes up the chain: need 0 <= from_level < to_level <= {self.num_steps} "
-                f"(got {from_level} -> {to_level})"
-            )
+        check_renoise_levels(from_level, to_level, self.num_steps)
         kept = self.alpha_bar[to_level] / self.alpha_bar[from_level]
         noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=torch.float64)
         return (kept.sqrt() * x.to(torch.float64) + (1 - kept).sqrt() * noise).to(x.dtype)
