@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dts_diffusers.defaults import STABLE_DIFFUSION
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
@@ -112,9 +111,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns:
         `(images, nsfw_content_detected)`.
         """
-        defaults = self.run_defaults(family=STABLE_DIFFUSION)  # the model folder's dts_defaults.json, else the family's
-        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         tensor_inputs = self._check_tree_inputs(

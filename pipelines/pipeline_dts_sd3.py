@@ -15,7 +15,7 @@ from dts_diffusers.schedulers import FLOW_SCHEDULERS, FlowTransition, is_flow_sc
 from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, expand_rows, resolve_reward, reward_prompts
+from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
 
 SKIP_LAYER_GUIDANCE = "skip-layer guidance adds transformer passes outside the NFE accounting and is not supported"
 
@@ -28,6 +28,8 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
     SD3's FlowMatchEulerDiscreteScheduler integrates an ODE, whose steps cannot branch, so the tree steps between
     its sigmas with the rectified-flow ancestral step of noise level `eta` (`FlowTransition`).
     """
+
+    _run_family = STABLE_DIFFUSION_3
 
     _unsupported_arguments: ClassVar[dict[str, str]] = {
         "skip_guidance_layers": SKIP_LAYER_GUIDANCE,
@@ -99,9 +101,7 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
             latents, sigmas, mu, skip-layer guidance and IP-Adapter are not supported (they raise).
         Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns: `(images,)`.
         """
-        defaults = self.run_defaults(family=STABLE_DIFFUSION_3)  # the folder's dts_defaults.json, else SD3's
-        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         tensor_inputs = self._check_tree_inputs(
@@ -219,24 +219,12 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
             )
         return FlowTransition(scheduler, denoise, num_inference_steps, eta=eta, mu=mu)
 
-    def _denoiser(self, conditioning: dict, timer: PhaseTimer, counts: dict) -> Callable:
-        """`denoise(x, t)`: one guided velocity per row; 2 transformer rows per row with CFG."""
-        guided = self.do_classifier_free_guidance
-
-        def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            model_input = torch.cat([x, x]) if guided else x
-            with timer("unet"):
-                output = self.transformer(
-                    hidden_states=model_input,
-                    timestep=t.to(x.device).expand(model_input.shape[0]),
-                    **expand_rows(conditioning, x.shape[0]),
-                    joint_attention_kwargs=self.joint_attention_kwargs,
-                    return_dict=False,
-                )[0]
-            counts["unet_evals"] += model_input.shape[0]
-            if not guided:
-                return output
-            uncond, text = output.chunk(2)
-            return uncond + self.guidance_scale * (text - uncond)
-
-        return denoise
+    def _model_output(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The transformer's velocity for a batch of rows (the mixin's denoiser guides it as it guides the UNet)."""
+        return self.transformer(
+            hidden_states=model_input,
+            timestep=t.to(model_input.device).expand(model_input.shape[0]),
+            **conditioning,
+            joint_attention_kwargs=self.joint_attention_kwargs,
+            return_dict=False,
+        )[0]

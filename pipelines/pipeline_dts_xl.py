@@ -25,6 +25,8 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
     (the paper's setting, eta=1), with a warning. The fp16 SDXL VAE decodes in float32, as the parent pipeline does.
     """
 
+    _run_family = STABLE_DIFFUSION_XL
+
     _upcast_fp16_vae = True
 
     @torch.no_grad()
@@ -118,9 +120,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
                 list of one per image raises).
         Returns `DTSPipelineOutput`; with `return_dict=False`, what the parent pipeline returns: `(images,)`.
         """
-        defaults = self.run_defaults(family=STABLE_DIFFUSION_XL)  # the folder's dts_defaults.json, else SDXL's
-        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         original_size = original_size or (height, width)

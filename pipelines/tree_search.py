@@ -21,7 +21,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils import logging
 
-from dts_diffusers.defaults import RunDefaults, model_defaults
+from dts_diffusers.defaults import STABLE_DIFFUSION, RunDefaults, model_defaults
 from dts_diffusers.engine import default_branch_levels
 from dts_diffusers.k_sampling import widening_option
 from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
@@ -265,12 +265,15 @@ class TreeSearchMixin:
     _clip_skip_reads_text_model = False  # StableDiffusionPipeline.encode_prompt applies text_model.final_layer_norm
     _unsupported_arguments: ClassVar[dict[str, str]] = {}  # parent arguments a tree cannot honour, beyond the shared
     _attention_kwargs_name = "cross_attention_kwargs"
+    _run_family: ClassVar[RunDefaults] = STABLE_DIFFUSION
     _eta_fix = "DDIM's noise scale; eta > 0 (the paper uses eta=1), eta=0 makes children identical"
 
-    def run_defaults(self, family: RunDefaults) -> RunDefaults:
-        """Steps and guidance for arguments left out: the model folder's `dts_defaults.json`, else `family`'s, the
-        same file and table the `dts` command reads."""
-        return model_defaults(getattr(self.config, "_name_or_path", None), family)
+    def _fill_run_defaults(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple:
+        """Steps and guidance left out (None): the model folder's `dts_defaults.json`, else the pipeline family's
+        (`_run_family`), the same file and table the `dts` command reads."""
+        defaults = model_defaults(getattr(self.config, "_name_or_path", None), self._run_family)
+        steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        return steps, defaults.guidance_scale if guidance_scale is None else guidance_scale
 
     def _check_tree_inputs(
         self,
@@ -421,29 +424,30 @@ class TreeSearchMixin:
         return DDIMScheduler.from_config(config, clip_sample=config.get("clip_sample", False))
 
     def _denoiser(self, conditioning: dict, timer: PhaseTimer, counts: dict) -> Callable:
-        """`denoise(model_input, t)`: one guided model output per row; 2 UNet rows per row with CFG."""
+        """`denoise(model_input, t)`: one guided model output per row; 2 backbone rows per row with CFG."""
         guided = self.do_classifier_free_guidance
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             model_input = torch.cat([x, x]) if guided else x
             with timer("unet"):
-                output = self.unet(
-                    model_input,
-                    t,
-                    **expand_rows(conditioning, x.shape[0]),
-                    cross_attention_kwargs=self.cross_attention_kwargs,
-                    return_dict=False,
-                )[0]
+                output = self._model_output(model_input, t, expand_rows(conditioning, x.shape[0]))
             counts["unet_evals"] += model_input.shape[0]
             if not guided:
                 return output
             uncond, text = output.chunk(2)
             output = uncond + self.guidance_scale * (text - uncond)
-            if self.guidance_rescale > 0:
-                output = rescale_noise_cfg(output, text, guidance_rescale=self.guidance_rescale)
+            rescale = getattr(self, "guidance_rescale", 0.0)  # SD / SDXL only; SD3 has no guidance_rescale
+            if rescale > 0:
+                output = rescale_noise_cfg(output, text, guidance_rescale=rescale)
             return output
 
         return denoise
+
+    def _model_output(self, model_input: torch.Tensor, t: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """The backbone's raw output for a batch of rows: the UNet's; a pipeline with another backbone overrides it."""
+        return self.unet(
+            model_input, t, **conditioning, cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False
+        )[0]
 
     @contextmanager
     def _vae_precision(self) -> Iterator[None]:
