@@ -9,6 +9,7 @@ from importlib import import_module
 from .dfs import DepthFirstSearch
 from .engine import DTS
 from .methods import METHODS, build_sampler
+from .options import TreeOptions
 from .particles import ParticleSearch
 from .tree import Widening
 
@@ -25,7 +26,7 @@ _LAZY = {
     "sample_dts": "dts_diffusers.k_sampling",
 }
 
-__all__ = ["DTS", "METHODS", "DepthFirstSearch", "ParticleSearch", "Widening", "build_sampler", *_LAZY]
+__all__ = ["DTS", "METHODS", "DepthFirstSearch", "ParticleSearch", "TreeOptions", "Widening", "build_sampler", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ bundled tiny digits model and the `digit-classifier` reward, offline on CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import math
@@ -460,16 +461,8 @@ def load_named_reward(name: str, digit: int | None, device, options: dict, diffe
 
 
 def method_options(args: argparse.Namespace) -> dict:
-    """`--method-option NAME=VALUE` pairs, checked against the method's sampler."""
-    options = parse_pairs(args.method_option, "--method-option")
-    if options:
-        from dts_diffusers.pipelines.tree_search import check_method_options
-
-        try:
-            check_method_options(args.method, options)
-        except (ValueError, TypeError) as error:
-            raise CLIError(f"--method-option: {error}") from error
-    return options
+    """`--method-option NAME=VALUE` pairs (checked against the method's sampler by `tree_options`)."""
+    return parse_pairs(args.method_option, "--method-option")
 
 
 def needs_gradients(args: argparse.Namespace) -> bool:
@@ -567,25 +560,41 @@ def run_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def tree_options(args: argparse.Namespace, settings: dict):
+    """The run's `TreeOptions`, built once from the flags; a bad `--method-option` fails here, before any load."""
+    from dts_diffusers.options import TreeOptions
+
+    options = method_options(args)
+    try:
+        return TreeOptions(
+            lam=args.lam,
+            mode=args.mode,
+            method=args.method,
+            method_options=options,
+            branch_every=settings["branch_every"],
+            widening=args.widening,
+            rollout_batch_size=args.rollout_batch_size,
+        )
+    except (ValueError, TypeError) as error:
+        raise CLIError(f"--method-option: {error}" if options else str(error)) from error
+
+
 def call_options(args: argparse.Namespace, settings: dict) -> dict:
+    """The pipeline call's keywords: the tree options and the run settings."""
     return {
-        "lam": args.lam,
-        "mode": args.mode,
-        "method": args.method,
+        "tree_options": tree_options(args, settings),
         "num_inference_steps": settings["steps"],
         "guidance_scale": settings["guidance_scale"],
         "num_images_per_prompt": settings["num_images"],
-        "rollout_batch_size": args.rollout_batch_size,
-        "widening": args.widening,
-        "branch_every": settings["branch_every"],
-        **({"method_options": options} if (options := method_options(args)) else {}),
     }
 
 
 def base_options(options: dict) -> dict:
     """The same call at λ = 0 with best-of-N: plain base-model samples at the same budget, steps and seed."""
-    unchanged = {key: value for key, value in options.items() if key not in ("method_options", "widening")}
-    return {**unchanged, "lam": 0.0, "mode": "sample", "method": BASE_METHOD}
+    base = options["tree_options"].replace(
+        lam=0.0, mode="sample", method=BASE_METHOD, method_options={}, widening="default"
+    )
+    return {**options, "tree_options": base}
 
 
 def versions() -> dict:
@@ -599,7 +608,10 @@ def versions() -> dict:
 
 
 def jsonable(value):
-    """Floats, ints, lists and dicts only: tensors and numpy values become lists and numbers, infinities None."""
+    """Floats, ints, lists and dicts only: tensors and numpy values become lists and numbers, infinities None,
+    dataclasses (the tree options) dicts."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -653,7 +665,7 @@ def generate_with_curve(pipe, prompt: str, reward, options: dict, budget: int, s
     """
     import torch
 
-    tree_method = options["method"] in ANYTIME_METHODS
+    tree_method = options["tree_options"].method in ANYTIME_METHODS
     curve, trees, output, spent = [], None, None, {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
     timings: dict[str, float] = {}
     previous = 0
@@ -1235,7 +1247,7 @@ def command_batch(args: argparse.Namespace) -> dict | None:
     name = reward_name(args)
     targets = batch_targets(read_prompts(args.prompts), args, name)
     settings = run_settings(args)
-    call_options(args, settings)  # checks --method-option
+    tree_options(args, settings)  # checks the tree's flags before anything loads
     model, offline = resolve_model(args.model)
     loader_options = reward_options(args, name)
     # torchrun without CUDA: gloo on the CPU, not a CUDA backend that falls back to a single process per rank

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dts_diffusers.tree import Widening
+from dts_diffusers.options import TreeOptions
 
 from .output import DTSPipelineOutput
 from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
@@ -33,9 +33,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         *,
         reward=None,
         reward_prompt: str | list[str] | None = None,
-        lam: float = 1.0,
         nfe_budget: int | None = None,
-        mode: str = "sample",
+        tree_options: TreeOptions | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -53,17 +52,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
-        method: str = "dts",
-        branch_every: int | None = None,
-        branch_levels: list[int] | None = None,
-        widening: Widening | str = "default",
-        c_uct: float = 1.0,
-        rollout_batch_size: int = 16,
         vae_batch_size: int = 4,
-        latent_cache_bytes: int | None = None,
-        latent_cache_device: str | torch.device | None = None,
         tree: list | None = None,
-        method_options: dict | None = None,
         **kwargs,
     ) -> DTSPipelineOutput | tuple:
         r"""Generate images steered toward `reward`.
@@ -77,28 +67,19 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             reward_prompt: the text the reward scores the images against (default: `prompt`); needed with
                 `prompt_embeds=` when the reward is prompt-conditioned (`reward.needs_prompts`: image-reward, clip,
                 pickscore, hpsv2), which would otherwise score against nothing. A string, or one per prompt.
-            lam: finite λ ≥ 0 of the target p·exp(λ·r); 0 samples the base model. The greedy limit λ = ∞ is not a
-                value of lam: use mode="search" (DTS*), which returns the best images found.
             nfe_budget: guided denoising steps per prompt (default: `rollout_batch_size` full rollouts).
-            mode: "sample" (DTS) or "search" (DTS*).
-            method: "dts" (the tree), "dts-paper" / "dts*-paper" (the paper's Algorithm 1 / DTS*), or a baseline of
-                `dts_diffusers.methods.METHODS` under the same budget ("dfs" is depth-first search with backtracking).
-            branch_every / branch_levels: where the tree branches (default: the paper's five levels, every
-                num_inference_steps / 5 steps: 50, 40, 30, 20, 10).
-            widening: progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform
-                c = 2, α = 0.8 is 'paper'. 'default' keeps the method's own ('paper' for the "-paper" methods).
-            c_uct: exploration constant of search mode.
-            rollout_batch_size: rollouts denoised together (the UNet batch is twice this with CFG).
-            vae_batch_size: latents decoded together for the reward.
-            latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are
-                replayed from their seeds.
+            tree_options / keywords: how the tree is grown, a `dts_diffusers.TreeOptions`, and any of its fields as
+                keywords, which replace those of `tree_options`: `lam` (λ ≥ 0 of the target p·exp(λ·r), default 1),
+                `mode` ("sample": DTS, or "search": DTS*), `method` ("dts", "dts*", the paper's "dts-paper" /
+                "dts*-paper", or a baseline of `dts_diffusers.methods.METHODS` under the same budget),
+                `method_options`, `branch_every` / `branch_levels` (default: the paper's five levels, every
+                num_inference_steps / 5 steps), `widening`, `c_uct`, `rollout_batch_size` (default 16; the UNet batch
+                is twice this with CFG), `latent_cache_bytes` / `latent_cache_device`. `TreeOptions` documents each.
+            vae_batch_size: latents decoded (and scored) together for the reward.
             tree: `output.trees` of an earlier call with the same prompts; the call keeps growing those trees. Each tree
                 records what it was built for (`tree.built_for`: prompt, mode, method, guidance_scale, size, scheduler,
                 num_inference_steps, eta, lam, rollout_batch_size); a call that differs in any raises before any
                 model runs. A tree cut short by an interrupt first spends what the interrupt left of its budget.
-            method_options: further options of the method's sampler, e.g. `{"max_backtracks": 2}` for "dfs" or
-                `{"local_search_steps": 2, "local_search_step_size": 0.05}` for "bfs"/"dfs" (local search needs a
-                reward built with `differentiable=True`); see `dts_diffusers.methods.sampler_option_names(method)`.
             callback_on_step_end: `fn(pipe, step, nfe, {"latents": best x_0 latents so far})` after every engine
                 batch; it returns None or the dict it was given (a tree cannot apply returned tensors, so new ones
                 raise). Setting `pipe._interrupt = True` in it stops the search: every prompt keeps its tree (those
@@ -114,13 +95,12 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        tensor_inputs = self._check_tree_inputs(
-            height=height, width=width, lam=lam, mode=mode, method=method, nfe_budget=nfe_budget,
+        options, tensor_inputs = self._check_tree_inputs(
+            tree_options=tree_options, kwargs=kwargs, height=height, width=width, nfe_budget=nfe_budget,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, c_uct=c_uct,
-            rollout_batch_size=rollout_batch_size, vae_batch_size=vae_batch_size,
-            latent_cache_bytes=latent_cache_bytes, latent_cache_device=latent_cache_device, output_type=output_type,
-            tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, vae_batch_size=vae_batch_size,
+            output_type=output_type, tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end,
+            tree=tree,
         )  # fmt: skip
         batch = self._check_prompt_inputs(
             prompt, prompt_embeds, negative_prompt_embeds, clip_skip, cross_attention_kwargs
@@ -143,10 +123,8 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         runs = self._prepare_trees(
             prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
             num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, method_options=method_options, method=method,
-            lam=lam, mode=mode, branch_every=branch_every, branch_levels=branch_levels, widening=widening,
-            c_uct=c_uct, rollout_batch_size=rollout_batch_size, latent_cache_bytes=latent_cache_bytes,
-            latent_cache_device=latent_cache_device, vae_batch_size=vae_batch_size, timer=timer, counts=counts,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
+            timer=timer, counts=counts,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
@@ -173,7 +151,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         with self._vae_precision():
             latents, rewards, trees, interrupted = self._grow_trees(
                 runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-                num_images_per_prompt=num_images_per_prompt, rollout_batch_size=rollout_batch_size,
+                num_images_per_prompt=num_images_per_prompt, options=options,
                 callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
             )  # fmt: skip
 

@@ -11,8 +11,8 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from dts_diffusers.defaults import STABLE_DIFFUSION_3
+from dts_diffusers.options import TreeOptions
 from dts_diffusers.schedulers import FLOW_SCHEDULERS, FlowTransition, is_flow_scheduler
-from dts_diffusers.tree import Widening
 
 from .output import DTSPipelineOutput
 from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
@@ -50,9 +50,8 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         *,
         reward=None,
         reward_prompt: str | list[str] | None = None,
-        lam: float = 1.0,
         nfe_budget: int | None = None,
-        mode: str = "sample",
+        tree_options: TreeOptions | None = None,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int | None = None,
@@ -74,25 +73,16 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = 256,
-        method: str = "dts",
-        branch_every: int | None = None,
-        branch_levels: list[int] | None = None,
-        widening: Widening | str = "default",
-        c_uct: float = 1.0,
-        rollout_batch_size: int = 16,
         vae_batch_size: int = 4,
-        latent_cache_bytes: int | None = None,
-        latent_cache_device: str | torch.device | None = None,
         tree: list | None = None,
-        method_options: dict | None = None,
         **kwargs,
     ) -> DTSPipelineOutput | tuple:
         r"""Generate images steered toward `reward`.
 
-        The tree's arguments (reward, reward_prompt, lam, nfe_budget, mode, method, branch_every / branch_levels,
-        widening, c_uct, rollout_batch_size, vae_batch_size, latent_cache_bytes / latent_cache_device, tree,
-        method_options, callback_on_step_end, generator) are `DTSPipeline.__call__`'s; all but the three prompts are
-        keyword-only. The rest are StableDiffusion3Pipeline's, except:
+        The tree's arguments (reward, reward_prompt, nfe_budget, tree_options and its fields as keywords: lam, mode,
+        method, method_options, branch_every / branch_levels, widening, c_uct, rollout_batch_size, latent_cache_bytes /
+        latent_cache_device; vae_batch_size, tree, callback_on_step_end, generator) are `DTSPipeline.__call__`'s; all
+        but the three prompts are keyword-only. The rest are StableDiffusion3Pipeline's, except:
             num_inference_steps / guidance_scale: left out, the model folder's `dts_defaults.json`, else SD3's 28 / 7.0.
                 One NFE is one guided step of one sample (two transformer rows with classifier-free guidance,
                 counted in `output.unet_evals`).
@@ -104,13 +94,12 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        tensor_inputs = self._check_tree_inputs(
-            height=height, width=width, lam=lam, mode=mode, method=method, nfe_budget=nfe_budget,
+        options, tensor_inputs = self._check_tree_inputs(
+            tree_options=tree_options, kwargs=kwargs, height=height, width=width, nfe_budget=nfe_budget,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
-            guidance_scale=guidance_scale, guidance_rescale=0.0, c_uct=c_uct, rollout_batch_size=rollout_batch_size,
-            vae_batch_size=vae_batch_size, latent_cache_bytes=latent_cache_bytes,
-            latent_cache_device=latent_cache_device, output_type=output_type,
-            tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end, tree=tree, extra=kwargs,
+            guidance_scale=guidance_scale, guidance_rescale=0.0, vae_batch_size=vae_batch_size,
+            output_type=output_type, tensor_inputs=callback_on_step_end_tensor_inputs, callback=callback_on_step_end,
+            tree=tree,
         )  # fmt: skip
         batch = self._check_prompt_inputs(
             prompt, prompt_embeds, negative_prompt_embeds, clip_skip, joint_attention_kwargs
@@ -136,10 +125,8 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         runs = self._prepare_trees(
             prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
             num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, method_options=method_options, method=method,
-            lam=lam, mode=mode, branch_every=branch_every, branch_levels=branch_levels, widening=widening,
-            c_uct=c_uct, rollout_batch_size=rollout_batch_size, latent_cache_bytes=latent_cache_bytes,
-            latent_cache_device=latent_cache_device, vae_batch_size=vae_batch_size, timer=timer, counts=counts,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
+            timer=timer, counts=counts,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
@@ -163,7 +150,7 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         # 2. grow one tree per prompt and draw the images from it
         latents, rewards, trees, interrupted = self._grow_trees(
             runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-            num_images_per_prompt=num_images_per_prompt, rollout_batch_size=rollout_batch_size,
+            num_images_per_prompt=num_images_per_prompt, options=options,
             callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
         )  # fmt: skip
 

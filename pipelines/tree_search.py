@@ -6,8 +6,6 @@ which grows one tree per prompt with the engine and draws the images from it.
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -22,9 +20,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import logging
 
 from dts_diffusers.defaults import STABLE_DIFFUSION, RunDefaults, model_defaults
-from dts_diffusers.engine import default_branch_levels
-from dts_diffusers.k_sampling import widening_option
-from dts_diffusers.methods import METHODS, build_sampler, sampler_option_names
+from dts_diffusers.methods import build_sampler
+from dts_diffusers.options import TreeOptions, check_integer, check_real
 from dts_diffusers.particles import NOT_DIFFERENTIABLE
 from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, FlowTransition, SchedulerTransition, stochastic_kind
@@ -53,31 +50,7 @@ def resolve_reward(reward, device: torch.device) -> Reward:
     return as_reward(reward, device=device)
 
 
-def tree_levels(num_inference_steps: int, branch_every: int | None, branch_levels) -> list[int]:
-    """Branch levels: explicit, every `branch_every` steps from the top (50, 40, …, 10), or the paper's five."""
-    if branch_levels is not None:
-        return [int(level) for level in branch_levels]
-    if branch_every is None:
-        return default_branch_levels(num_inference_steps)
-    branch_every = check_integer("branch_every", branch_every, "e.g. branch_every=10 branches every 10 steps")
-    return list(range(num_inference_steps, 0, -branch_every))
-
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-PIPELINE_SET_OPTIONS = {
-    "lam": "lam=",
-    "mode": "mode=",
-    "branch_levels": "branch_levels= or branch_every=",
-    "widening": "widening=",
-    "c_uct": "c_uct=",
-    "batch_size": "rollout_batch_size=",
-    "latent_device": "latent_cache_device=",
-    "latent_budget_bytes": "latent_cache_bytes=",
-    "seed": "generator=",
-    "device": "the pipeline's device",
-    "renoise": "the scheduler (the pipeline passes its forward process)",
-}
 
 
 def distinct_samples(samplers: list) -> list[int] | None:
@@ -85,22 +58,6 @@ def distinct_samples(samplers: list) -> list[int] | None:
     a tree an interrupt left empty)."""
     counts = [getattr(sampler, "last_draw_distinct", None) if sampler.nfe else 0 for sampler in samplers]
     return None if not counts or any(count is None for count in counts) else counts
-
-
-def check_method_options(method: str, method_options) -> dict:
-    """The sampler options of `method` that the pipeline does not set itself, checked by name."""
-    if method_options is None:
-        return {}
-    if not isinstance(method_options, dict):
-        raise TypeError(f"method_options must be a dict of sampler options (got {type(method_options).__name__})")
-    for name in method_options:
-        if name in PIPELINE_SET_OPTIONS:
-            raise ValueError(f"method_options[{name!r}] is set by the pipeline; use {PIPELINE_SET_OPTIONS[name]}")
-    accepted = [name for name in sampler_option_names(method) if name not in PIPELINE_SET_OPTIONS]
-    unknown = sorted(set(method_options) - set(accepted))
-    if unknown:
-        raise ValueError(f"method {method!r} has no option {', '.join(unknown)}; it takes {', '.join(accepted)}")
-    return dict(method_options)
 
 
 def expand_rows(conditioning, n: int):
@@ -118,36 +75,6 @@ def engine_seeds(generator, num_prompts: int) -> list[int]:
     return [
         int(torch.randint(0, 2**62, (1,), generator=g, device=g.device if g is not None else "cpu")) for g in generators
     ]
-
-
-def check_integer(name: str, value, fix: str, minimum: int = 1) -> int:
-    """An integer >= minimum: any `numbers.Integral` (numpy's included), never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer (got {type(value).__name__} {value!r}); {fix}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (got {value}); {fix}")
-    return int(value)
-
-
-def check_real(name: str, value, fix: str, minimum: float | None = None, strict: bool = False) -> float:
-    """A finite real number (never a bool) >= minimum, or > minimum when `strict`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number (got {type(value).__name__} {value!r}); {fix}")
-    value = float(value)
-    if not math.isfinite(value) or (minimum is not None and (value <= minimum if strict else value < minimum)):
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
-        raise ValueError(f"{name} must be a finite number{bound} (got {value}); {fix}")
-    return value
-
-
-def check_device(name: str, device) -> torch.device:
-    """A device this machine has: torch only finds out when it first allocates there, mid-search."""
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
-        raise ValueError(f"{name}={device!r} is not a usable device here ({error}); e.g. 'cpu' or 'cuda'") from None
-    return device
 
 
 def check_generator(generator, num_prompts: int, num_images_per_prompt: int) -> None:
@@ -278,34 +205,34 @@ class TreeSearchMixin:
     def _check_tree_inputs(
         self,
         *,
+        tree_options: TreeOptions | None,
+        kwargs: dict,
         height,
         width,
-        lam,
-        mode,
-        method,
         nfe_budget,
         num_inference_steps,
         num_images_per_prompt,
         eta,
         guidance_scale,
         guidance_rescale,
-        c_uct,
-        rollout_batch_size,
         vae_batch_size,
-        latent_cache_bytes,
-        latent_cache_device,
         output_type,
         tensor_inputs,
         callback,
         tree,
-        extra,
-    ) -> list[str]:
-        """Check every argument of the tree search before any model runs; returns the callback's tensor inputs."""
+    ) -> tuple[TreeOptions, list[str]]:
+        """Check every argument of the tree search before any model runs.
+
+        The tree's options come as `tree_options=` and as keywords naming its fields (`lam=`, `mode=`, …), which
+        replace those of `tree_options`; any other keyword is an unsupported parent argument or a typo. Returns the
+        checked `TreeOptions` and the callback's tensor inputs."""
+        changes, extra = TreeOptions.split_keywords(kwargs)
         unsupported = {**UNSUPPORTED_ARGUMENTS, **self._unsupported_arguments}
         for name in extra:
             if name in unsupported:
                 raise ValueError(f"{name}= is not supported by {type(self).__name__}: {unsupported[name]}")
             raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {name!r}")
+        options = TreeOptions.build(tree_options, **changes)
         factor = self.vae_scale_factor
         height = check_integer("height", height, f"a multiple of the VAE scale factor {factor}")
         width = check_integer("width", width, f"a multiple of the VAE scale factor {factor}")
@@ -314,14 +241,6 @@ class TreeSearchMixin:
                 f"height and width must be divisible by the VAE scale factor {factor} (got {height}x{width}); "
                 f"e.g. {max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
             )
-        check_real(
-            "lam", lam, "lam=0 samples the base model, larger lam follows the reward more closely; for the greedy "
-            "limit (lam=inf) use mode='search' (DTS*), which returns the best images found", minimum=0,
-        )  # fmt: skip
-        if mode not in ("sample", "search"):
-            raise ValueError(f"mode must be 'sample' (DTS, draws ∝ p·exp(λr)) or 'search' (DTS*, best) (got {mode!r})")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         steps = check_integer("num_inference_steps", num_inference_steps, "the denoising steps of one rollout, e.g. 50")
         check_integer("num_images_per_prompt", num_images_per_prompt, "the images drawn from each prompt's tree")
         if nfe_budget is not None:
@@ -335,13 +254,7 @@ class TreeSearchMixin:
         check_real("eta", eta, self._eta_fix, minimum=0, strict=True)
         check_real("guidance_scale", guidance_scale, "classifier-free guidance weight; 1 or less turns it off")
         check_real("guidance_rescale", guidance_rescale, "0 turns the rescale off, 0.7 is the usual value", minimum=0)
-        check_real("c_uct", c_uct, "the exploration constant of search mode, >= 0", minimum=0)
-        check_integer("rollout_batch_size", rollout_batch_size, "rollouts denoised together, e.g. 16")
         check_integer("vae_batch_size", vae_batch_size, "latents decoded together, e.g. 4")
-        if latent_cache_bytes is not None:
-            check_integer("latent_cache_bytes", latent_cache_bytes, "a bound in bytes, or None for no bound")
-        if latent_cache_device is not None:
-            check_device("latent_cache_device", latent_cache_device)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)} (got {output_type!r})")
         if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
@@ -359,7 +272,7 @@ class TreeSearchMixin:
                 f"callback_on_step_end_tensor_inputs={list(tensor_inputs)}: the DTS pipelines pass only 'latents' "
                 "(the best x_0 latents found so far)"
             )
-        return list(tensor_inputs)
+        return options, list(tensor_inputs)
 
     def _check_prompt_inputs(self, prompt, prompt_embeds, negative_prompt_embeds, clip_skip, attention_kwargs) -> int:
         """The number of prompts; embeddings must be [prompts, tokens, the UNet's cross-attention width]. Checked
@@ -479,16 +392,20 @@ class TreeSearchMixin:
     def _scorer(
         self, reward: Reward, prompt: str | None, vae_batch_size: int, timer: PhaseTimer, counts: dict
     ) -> Callable:
-        """The engine's `reward(x0_latents)`: decode, map to float32 [0, 1], score with the prompt.
+        """The engine's `reward(x0_latents)`: decode, map to float32 [0, 1], score with the prompt, `vae_batch_size`
+        latents at a time, so a particle method's whole population never sits decoded in memory at once.
 
         Without prompt text (`prompt_embeds=` alone) only prompt-free rewards get here, and they are given ""."""
 
         def score(latents: torch.Tensor) -> torch.Tensor:
+            return torch.cat([score_chunk(chunk) for chunk in latents.split(vae_batch_size)])
+
+        def score_chunk(latents: torch.Tensor) -> torch.Tensor:
             images = (self._decode_latents(latents, vae_batch_size, timer) / 2 + 0.5).clamp(0, 1).float()
             with timer("reward"):
                 rewards = reward(images, [prompt or ""] * len(images))
             counts["reward_calls"] += len(images)
-            return torch.as_tensor(rewards).float()
+            return torch.as_tensor(rewards).float().cpu()
 
         return score
 
@@ -503,17 +420,7 @@ class TreeSearchMixin:
         generator,
         num_images_per_prompt: int,
         tree: list | None,
-        method_options: dict | None,
-        method: str,
-        lam: float,
-        mode: str,
-        branch_every: int | None,
-        branch_levels,
-        widening,
-        c_uct: float,
-        rollout_batch_size: int,
-        latent_cache_bytes: int | None,
-        latent_cache_device,
+        options: TreeOptions,
         vae_batch_size: int,
         timer: PhaseTimer,
         counts: dict,
@@ -523,8 +430,7 @@ class TreeSearchMixin:
         caller fills `TreeRun.conditioning` once the prompts are encoded."""
         device = self._execution_device
         scheduler = self._tree_scheduler()
-        num_inference_steps, rollout_batch_size = int(num_inference_steps), int(rollout_batch_size)  # numpy ints too
-        latent_cache_bytes = None if latent_cache_bytes is None else int(latent_cache_bytes)
+        num_inference_steps = int(num_inference_steps)  # numpy ints too
         if tree is not None and not isinstance(tree, list | tuple):
             tree = [tree]
         if tree is not None and len(tree) != len(prompts):
@@ -534,10 +440,11 @@ class TreeSearchMixin:
             )
         height, width = (size * self.vae_scale_factor for size in latent_shape[1:])
         built_for = {
-            "pipeline": type(self).__name__, "mode": mode, "method": method, "guidance_scale": self.guidance_scale,
+            "pipeline": type(self).__name__, "mode": options.mode, "method": options.method,
+            "guidance_scale": self.guidance_scale,
             "height": height, "width": width, "latent_shape": tuple(latent_shape),
             "scheduler": type(scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
-            "lam": lam, "rollout_batch_size": rollout_batch_size,
+            "lam": options.lam, "rollout_batch_size": options.rollout_batch_size,
         }  # fmt: skip
         if tree is not None:
             for index, (sampler, prompt) in enumerate(zip(tree, prompts, strict=True)):
@@ -545,19 +452,9 @@ class TreeSearchMixin:
         else:
             check_generator(generator, len(prompts), num_images_per_prompt)
             seeds = engine_seeds(generator, len(prompts))
-            extra_options = check_method_options(method, method_options)
-            if extra_options.get("local_search_steps") and not reward.differentiable:
+            if options.method_options.get("local_search_steps") and not reward.differentiable:
                 raise ValueError(NOT_DIFFERENTIABLE)  # the sampler would find out only at its first ascent
-            options = {
-                "lam": lam,
-                "mode": mode,
-                "branch_levels": tree_levels(num_inference_steps, branch_every, branch_levels),
-                **widening_option(widening),
-                "c_uct": c_uct,
-                "batch_size": rollout_batch_size,
-                "latent_device": latent_cache_device,
-                "latent_budget_bytes": latent_cache_bytes,
-            }
+            sampler_options = options.sampler_options(num_inference_steps)
         runs = []
         for index, prompt in enumerate(prompts):
             run = TreeRun(sampler=None)
@@ -568,8 +465,8 @@ class TreeSearchMixin:
             score = self._scorer(reward, prompt, vae_batch_size, timer, counts)
             if tree is None:
                 run.sampler = build_sampler(
-                    method, prior, transition, score, num_inference_steps, seed=seeds[index], device=device,
-                    renoise=transition.renoise, **options, **extra_options,
+                    options.method, prior, transition, score, num_inference_steps, seed=seeds[index], device=device,
+                    renoise=transition.renoise, **sampler_options,
                 )  # fmt: skip
                 run.sampler.built_for = {**built_for, "prompt": prompt}
             else:
@@ -599,7 +496,7 @@ class TreeSearchMixin:
         nfe_budget: int | None,
         num_inference_steps: int,
         num_images_per_prompt: int,
-        rollout_batch_size: int,
+        options: TreeOptions,
         callback_on_step_end,
         tensor_inputs: list[str],
         timer: PhaseTimer,
@@ -611,7 +508,7 @@ class TreeSearchMixin:
         `self._interrupt`. Every prompt keeps its tree; one that holds no sample yet (the interrupt came before it
         started) contributes no images, so the images are those of the leading prompts whose trees hold samples.
         """
-        nfe_budget = int(nfe_budget or rollout_batch_size * num_inference_steps)
+        nfe_budget = int(nfe_budget or options.rollout_batch_size * num_inference_steps)
         num_images_per_prompt = int(num_images_per_prompt)
         interrupted = [False] * len(runs)
         step = 0
