@@ -88,7 +88,11 @@ def tree_options(mode, lam, eta, branch_every=0, widening="default", c_uct=1.0, 
 
 
 class DTSRewardLoader:
-    DESCRIPTION = "Load a reward model for DTS from ComfyUI/models/dts_rewards or the local Hugging Face cache."
+    DESCRIPTION = (
+        "Load a reward model for DTS from ComfyUI/models/dts_rewards or the local Hugging Face cache. ComfyUI's model "
+        "management holds it: loaded to the GPU to score, offloaded when the UNet needs the room (--lowvram, "
+        "--novram and --cpu apply)."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("DTS_REWARD",)
     RETURN_NAMES = ("reward",)
@@ -103,7 +107,8 @@ class DTSRewardLoader:
                 "weights": (sampling.reward_weight_choices(), {"default": sampling.HUB_CACHE, "tooltip":
                             "a file or folder in models/dts_rewards, the hub cache, or (none) for rewards without "
                             "weights"}),
-                "device": (["auto", "cpu"], {"default": "auto"}),
+                "device": (["auto", "cpu"], {"default": "auto", "tooltip": "auto: ComfyUI's device, loaded there to "
+                           "score and offloaded as ComfyUI offloads the UNet; cpu: always scored on the CPU"}),
                 "dtype": (list(sampling.DTYPES), {"default": "auto"}),
             },
             "optional": {

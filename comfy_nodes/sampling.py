@@ -13,6 +13,9 @@ import torch
 
 from dts_diffusers.k_sampling import SearchTree, sample_dts, single_latent
 
+from . import memory
+from .memory import ComfyReward
+
 REWARD_FOLDER = "dts_rewards"
 HUB_CACHE = "(hub cache)"
 NO_WEIGHTS = "(none)"
@@ -45,8 +48,9 @@ def reward_weight_choices() -> list[str]:
     return choices
 
 
-def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: str, options: str):
-    """Build a registered reward; weights come from `models/dts_rewards/<weights>` or the local hub cache."""
+def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: str, options: str) -> ComfyReward:
+    """Build a registered reward, held by ComfyUI's model management; weights come from `models/dts_rewards/<weights>`
+    or the local hub cache."""
     import inspect
 
     from dts_diffusers.rewards import load_reward, reward_loader
@@ -75,13 +79,14 @@ def load_reward_for_comfy(reward_name: str, weights: str, device: str, dtype: st
         kwargs["pretrained_model_name_or_path"] = path
     if "local_files_only" in parameters:
         kwargs.setdefault("local_files_only", True)  # never download from inside a workflow
-    torch_device = _reward_device(device)
+    load_device, offload_device = memory.reward_devices(device)
     try:
-        return load_reward(reward_name, device=torch_device, dtype=DTYPES[dtype], **kwargs)
+        reward = load_reward(reward_name, device=offload_device, dtype=DTYPES[dtype], **kwargs)
     except OSError as err:
         raise OSError(
             f"{err}\nIn ComfyUI: put the weights in ComfyUI/models/{REWARD_FOLDER}/ and pick them in 'weights'."
         ) from err
+    return memory.ComfyReward(reward, load_device, offload_device)
 
 
 def parse_options(reward_name: str, options: str, accepted: list[str]) -> dict:
@@ -110,14 +115,6 @@ def parse_options(reward_name: str, options: str, accepted: list[str]) -> dict:
     return kwargs
 
 
-def _reward_device(device: str) -> torch.device:
-    if device == "cpu":
-        return torch.device("cpu")
-    import comfy.model_management
-
-    return comfy.model_management.get_torch_device()
-
-
 def _vae_decoder(vae, base_model):
     """Latents as the sampler holds them (model space) → images [B, 3, H, W] in [0, 1] through the graph's VAE."""
 
@@ -141,20 +138,21 @@ def comfy_sample_dts(
     vae,
     reward,
     reward_prompt: str = "",
-    progress=None,
     keep_tree: bool = False,
     **options,
 ) -> torch.Tensor:
     """The `SAMPLER` function: ComfyUI's `model` (KSamplerX0Inpaint) and `noise` (x noised for sigmas[0]).
 
     The tree batches rows freely, so the inpainting state ComfyUI stores per latent row is narrowed to the one latent
-    every root child starts from. `progress(dict)`, when given, replaces ComfyUI's per-step callback (it sees the
-    NFE spent, not steps). `info` keeps the grown tree only with `keep_tree` (DTS Sampler's `tree` output); a
-    SAMPLER's report keeps rewards and stats, not the tree's latents.
+    every root child starts from. Progress goes to a ComfyUI progress bar in NFE units, one update per denoising step
+    batch, instead of ComfyUI's `callback` (whose bar counts the sigmas' steps). Each scoring batch loads the reward
+    through model management and the sampling run's models back after it. `info` keeps the grown tree only with
+    `keep_tree` (DTS Sampler's `tree` output); a SAMPLER's report keeps rewards and stats, not the tree's latents.
     """
     import comfy.model_management
 
-    if options.get("tree") is None:
+    tree = options.get("tree")
+    if tree is None:
         check_budget(options["nfe_budget"], len(sigmas) - 1, "the custom sampler's SIGMAS", "DTS Sampler (SAMPLER): ")
 
     extra_args = dict(extra_args or {})
@@ -165,16 +163,19 @@ def comfy_sample_dts(
     if extra_args.get("denoise_mask") is not None:
         extra_args["denoise_mask"] = extra_args["denoise_mask"][:1]
     base_model = model.inner_model.inner_model
+    in_use = memory.sampling_models(model)
 
     def score(images: torch.Tensor) -> torch.Tensor:
-        return reward(images, reward_prompt)
+        scores = reward(images, reward_prompt)
+        memory.reload_for_sampling(in_use)
+        return scores
 
     samples = sample_dts(
         model,
         noise,
         sigmas,
         extra_args,
-        progress or callback,
+        nfe_progress(in_use[0], options["nfe_budget"], tree.sampler.nfe if tree is not None else 0),
         disable,
         reward=score,
         decode=_vae_decoder(vae, base_model),
@@ -184,6 +185,22 @@ def comfy_sample_dts(
     if not keep_tree and options.get("info") is not None:
         options["info"].pop("tree", None)
     return samples
+
+
+def nfe_progress(patcher, nfe_budget: int, start: int):
+    """A ComfyUI progress bar over this run's `nfe_budget`, previewing the best sample found so far (the step's x̂_0
+    before the first is scored) with the previewer ComfyUI's samplers use (--preview-method)."""
+    import comfy.utils
+    import latent_preview
+
+    previewer = latent_preview.get_previewer(patcher.load_device, patcher.model.latent_format)
+    bar = comfy.utils.ProgressBar(nfe_budget)
+
+    def progress(state: dict) -> None:
+        preview = previewer.decode_latent_to_preview_image("JPEG", state["denoised"]) if previewer else None
+        bar.update_absolute(state["nfe"] - start, nfe_budget, preview)
+
+    return progress
 
 
 def check_budget(nfe_budget: int, steps: int, source: str, node: str = "") -> None:
@@ -278,7 +295,6 @@ def run_dts_sampler(
     import comfy.sample
     import comfy.samplers
     import comfy.utils
-    import latent_preview
 
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     num_outputs = num_outputs or latent_image.shape[0]
@@ -291,18 +307,9 @@ def run_dts_sampler(
     ).sigmas  # fmt: skip
     if len(sigmas) < 2:
         raise ValueError(f"denoise={denoise} leaves no step to take; use denoise > 0")
-    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
-    start = tree.sampler.nfe if tree is not None else 0
-    bar = comfy.utils.ProgressBar(nfe_budget)
-
-    def progress(state: dict) -> None:
-        """The NFE this run spent, with the best sample so far as the preview."""
-        preview = previewer.decode_latent_to_preview_image("JPEG", state["denoised"]) if previewer else None
-        bar.update_absolute(state["nfe"] - start, nfe_budget, preview)
-
     sampler = dts_ksampler(
-        vae, reward, reward_prompt, nfe_budget=nfe_budget, num_outputs=num_outputs, progress=progress, seed=seed,
-        tree=tree, keep_tree=True, **options,
+        vae, reward, reward_prompt, nfe_budget=nfe_budget, num_outputs=num_outputs, seed=seed, tree=tree,
+        keep_tree=True, **options,
     )  # fmt: skip
     info = sampler.extra_options["info"]
     samples = comfy.sample.sample_custom(

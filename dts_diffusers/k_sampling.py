@@ -144,6 +144,7 @@ class SigmaChain:
         self.step = ancestral_step_flow if flow else ancestral_step
         self.forward = forward_noise_flow if flow else forward_noise
         self.eta, self.noise_scaling = eta, noise_scaling
+        self.on_step: Callable[[torch.Tensor], object] | None = None  # sees each step's x̂_0 (progress, previews)
 
     def prior(self, n: int, generators: list[torch.Generator]) -> torch.Tensor:
         noise = randn_rows(generators, self.latent.shape[1:], device=self.latent.device, dtype=self.latent.dtype)
@@ -153,6 +154,8 @@ class SigmaChain:
         index = self.num_steps - level
         sigma_from, sigma_to = float(self.sigmas[index]), float(self.sigmas[index + 1])
         denoised = self.model(x, self.sigmas[index] * x.new_ones([x.shape[0]]), **self.extra_args)
+        if self.on_step is not None:
+            self.on_step(denoised)
         noise = randn_rows(generators, x.shape[1:], device=x.device, dtype=x.dtype) if sigma_to > 0 else None
         x_prev = self.step(x, denoised, sigma_from, sigma_to, noise, self.eta)
         return (x_prev, denoised) if return_x0 else x_prev
@@ -193,7 +196,7 @@ class SearchTree:
     settings: dict
 
     def detach(self) -> None:
-        self.chain.model, self.chain.extra_args = None, {}
+        self.chain.model, self.chain.extra_args, self.chain.on_step = None, {}, None
         self.scorer.reward = self.scorer.decode = None
 
     def mismatch(self, settings: dict, latent: torch.Tensor) -> list[str]:
@@ -284,9 +287,10 @@ def sample_dts(
     `method="dts*"` always is); `"dts-paper"` / `"dts*-paper"` are the paper's Algorithm 1 / DTS*. `widening` is the
     progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform c = 2, α = 0.8 is 'paper'
     ('default' keeps the method's own, 'paper' for the "-paper" methods). Options a method does not use are ignored.
-    `callback` gets k-diffusion's dict after every batch, with the best sample so far as `x`/`denoised`, `i`
-    counting steps in proportion to the budget spent, and `nfe`, `nfe_budget`, `best_reward` and `method`;
-    `interrupt()` is called between batches and may raise to stop.
+    `callback` gets k-diffusion's dict after every denoising step batch (one model call) and every batch of
+    rollouts, with the best sample found so far as `x`/`denoised` (before the first batch is scored: the step's x̂_0),
+    `i` counting steps in proportion to the budget spent, and `nfe` (counted so far), `nfe_budget`, `best_reward`
+    (None before the first batch) and `method`; `interrupt()` is called between batches and may raise to stop.
     `info`, when given, is filled with the drawn samples' `rewards`, the `best_reward`, the engine's `stats`, the
     NFE `nfe_budget` reached and the `tree` (a `SearchTree`). `tree=` continues such a tree with `nfe_budget` more NFE
     (anytime sampling); the run must match what it was grown for (steps, sigmas, latent, λ, mode, method, ...), and
@@ -359,31 +363,43 @@ def sample_dts(
     start = sampler.nfe
     target = start + nfe_budget
     progress = tqdm(total=nfe_budget, disable=disable, desc=label.upper())
+    best: list = [None, None]  # the best sample found and its reward, as of the last batch
 
-    def on_batch(search) -> bool:
-        progress.update(search.nfe - start - progress.n)
-        if interrupt is not None and interrupt():
-            return True
+    def report(preview: torch.Tensor) -> None:
+        """The NFE the engine has counted so far, and `preview` as the callback's x / denoised."""
+        progress.update(sampler.nfe - start - progress.n)
         if callback is not None:
-            best, best_reward = search.best()
-            step = min(num_steps - 1, (search.nfe - start) * num_steps // max(nfe_budget, 1))
+            step = min(num_steps - 1, (sampler.nfe - start) * num_steps // max(nfe_budget, 1))
             callback(
                 {
-                    "x": best,
+                    "x": preview,
                     "i": step,
                     "sigma": sigmas[step],
                     "sigma_hat": sigmas[step],
-                    "denoised": best,
-                    "nfe": search.nfe,
+                    "denoised": preview,
+                    "nfe": sampler.nfe,
                     "nfe_budget": target,
-                    "best_reward": best_reward,
+                    "best_reward": best[1],
                     "method": label,
                 }
             )
+
+    def on_step(denoised: torch.Tensor) -> None:
+        # the engine counts a step batch's NFE when it returns: `nfe` here is that of the steps before this one
+        report(best[0] if best[0] is not None else denoised[:1])
+
+    def on_batch(search) -> bool:
+        if interrupt is not None and interrupt():
+            return True
+        if callback is not None:
+            best[:] = search.best()
+        report(best[0])
         return False
 
+    kept.chain.on_step = on_step
     try:
         sampler.run(nfe_budget, callback=on_batch)
+        kept.chain.on_step = None  # the draw's latent replays are not progress
         samples, rewards = sampler.sample(num_outputs, return_rewards=True)
     finally:
         progress.close()

@@ -1,6 +1,7 @@
 """The ComfyUI nodes without ComfyUI: schemas ComfyUI can render, bad inputs rejected with clear messages, and every
 method run through DTS Sampler (SAMPLER) on a tiny model."""
 
+import itertools
 import re
 import sys
 import types
@@ -136,7 +137,7 @@ def test_bad_inputs_raise_in_the_node_function_with_clear_messages():
         ksampler.sample(steps=20, lam=1.0, nfe_budget=100, eta=0.0, **common)
 
 
-def test_reward_loader_builds_a_registered_reward_and_rejects_bad_choices():
+def test_reward_loader_builds_a_registered_reward_and_rejects_bad_choices(comfy_host):
     loader = NODE_CLASS_MAPPINGS["DTSRewardLoader"]()
     assert "jpeg-compressibility" in dict(all_inputs(loader))["reward_name"][0]
     (reward,) = loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "")
@@ -169,18 +170,34 @@ def test_options_errors_name_the_input_and_the_keys_the_reward_accepts():
 LATENT_STD = 0.5
 
 
+class TinyUNet(torch.nn.Module):
+    """The module a UNet's ModelPatcher holds (BaseModel), with SD1's latent format for the previewer."""
+
+    latent_format = "SD15"
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(4))
+
+
 class TinyComfyModel:
     """What ComfyUI's KSAMPLER hands a sampler function (KSamplerX0Inpaint): `model(x, sigma, denoise_mask, seed)`
-    returns the denoised latent, here the exact denoiser of N(0, s²) latents; the base model, with SD1's latent
-    scaling, is at `inner_model.inner_model`."""
+    returns the denoised latent, here the exact denoiser of N(0, s²) latents. Its `inner_model` is the guider, with
+    the UNet's `model_patcher`, the `loaded_models` ComfyUI's sampling loaded with it, and the base model (SD1's
+    latent scaling) at `inner_model.inner_model`. `calls` counts the model calls (denoising step batches)."""
 
     latent_image = noise = None
 
     def __init__(self):
+        import comfy.model_patcher
+
         base = types.SimpleNamespace(process_latent_out=lambda latent: latent / 0.18215)
-        self.inner_model = types.SimpleNamespace(inner_model=base)
+        unet = comfy.model_patcher.ModelPatcher(TinyUNet(), torch.device("cpu"), torch.device("cpu"))
+        self.inner_model = types.SimpleNamespace(inner_model=base, model_patcher=unet, loaded_models=[])
+        self.calls = 0
 
     def __call__(self, x, sigma, denoise_mask=None, model_options=None, seed=None):
+        self.calls += 1
         return x * LATENT_STD**2 / (LATENT_STD**2 + sigma.view(-1, 1, 1, 1) ** 2)
 
 
@@ -193,28 +210,83 @@ class TinyVAE:
 
 @pytest.fixture
 def comfy_host(monkeypatch):
-    """The two ComfyUI 0.8.0 names DTS Sampler (SAMPLER)'s path uses: `comfy.samplers.KSAMPLER` (the SAMPLER: a
-    sampler function and its extra options) and `comfy.model_management.throw_exception_if_processing_interrupted`."""
+    """The ComfyUI 0.8.0 names the nodes use, doing what ComfyUI's do on a CPU-only machine: `comfy.samplers.KSAMPLER`
+    (a sampler function and its extra options); `comfy.model_patcher.ModelPatcher(model, load_device,
+    offload_device)`; `comfy.model_management` with `get_torch_device`, `unet_offload_device`, `load_models_gpu`
+    (moves each patcher's module to its load device, writes the module's `device` as ModelPatcher.load does, and
+    puts the patcher first in `loaded_models()`) and `throw_exception_if_processing_interrupted`;
+    `comfy.utils.ProgressBar` (update_absolute clamps to the total, as ComfyUI's) and `latent_preview.get_previewer`
+    (a previewer that returns the latent it was given). Returns the record: `loads` (the patchers of each
+    load_models_gpu call), `loaded`, `bars` (each bar's (value, total, preview) updates)."""
+    host = types.SimpleNamespace(loads=[], loaded=[], bars=[])
     comfy = types.ModuleType("comfy")
-    comfy.samplers = types.ModuleType("comfy.samplers")
-    comfy.model_management = types.ModuleType("comfy.model_management")
+    for name in ("samplers", "model_patcher", "model_management", "utils"):
+        setattr(comfy, name, types.ModuleType(f"comfy.{name}"))
+    latent_preview = types.ModuleType("latent_preview")
 
     class KSAMPLER:
         def __init__(self, sampler_function, extra_options=None, inpaint_options=None):
             self.sampler_function, self.extra_options = sampler_function, extra_options or {}
 
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+            if getattr(model, "device", None) is None:
+                model.device = offload_device
+
+        def model_size(self):
+            return self.size or sum(t.nbytes for t in self.model.state_dict().values())
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):  # fmt: skip
+        host.loads.append(list(models))
+        for patcher in models:
+            patcher.model.to(patcher.load_device)
+            patcher.model.device = patcher.load_device
+            if patcher in host.loaded:
+                host.loaded.remove(patcher)
+            host.loaded.insert(0, patcher)
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current, self.updates = total, 0, []
+            host.bars.append(self.updates)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.total = self.total if total is None else total
+            self.current = min(value, self.total)
+            self.updates.append((self.current, self.total, preview))
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            return preview_format, x0.clone(), 512
+
     comfy.samplers.KSAMPLER = KSAMPLER
+    comfy.model_patcher.ModelPatcher = ModelPatcher
+    comfy.model_management.get_torch_device = lambda: torch.device("cpu")
+    comfy.model_management.unet_offload_device = lambda: torch.device("cpu")
+    comfy.model_management.load_models_gpu = load_models_gpu
+    comfy.model_management.loaded_models = lambda only_currently_used=False: list(host.loaded)
     comfy.model_management.throw_exception_if_processing_interrupted = lambda: None
-    for module in (comfy, comfy.samplers, comfy.model_management):
+    comfy.utils.ProgressBar = ProgressBar
+    latent_preview.get_previewer = lambda device, latent_format: Previewer()
+    for module in (comfy, *(getattr(comfy, name) for name in ("samplers", "model_patcher", "model_management",
+                                                                "utils")), latent_preview):  # fmt: skip
         monkeypatch.setitem(sys.modules, module.__name__, module)
+    return host
 
 
-def run_sampler(sampler, latent: torch.Tensor, sigmas: torch.Tensor, seed: int, callback=None) -> torch.Tensor:
-    """What KSAMPLER.sample does for an SD1 model below σ_max: noise the latent for sigmas[0], call the function."""
-    model = TinyComfyModel()
+def run_sampler(sampler, latent: torch.Tensor, sigmas: torch.Tensor, seed: int, model=None) -> torch.Tensor:
+    """What KSAMPLER.sample does for an SD1 model below σ_max: noise the latent for sigmas[0], call the function
+    (with ComfyUI's step callback, which DTS's NFE progress bar replaces)."""
+    model = model or TinyComfyModel()
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
     model.latent_image, model.noise = latent, noise
     x = latent + sigmas[0] * noise
+
+    def callback(step):
+        raise AssertionError("ComfyUI's step callback is replaced by the NFE progress bar")
+
     extra_args = {"denoise_mask": None, "seed": seed}
     return sampler.sampler_function(
         model, x, sigmas, extra_args=extra_args, callback=callback, disable=True, **sampler.extra_options
@@ -235,15 +307,16 @@ def test_every_method_runs_through_dts_sampler_within_budget(comfy_host, method)
 
     for mode in ("sample", "search"):
         (sampler,) = select.get_sampler(TinyVAE(), reward, "", mode, 2.0, budget, 1.0, rollout_batch=4, method=method)
-        events = []
-        out = run_sampler(sampler, latent, sigmas, seed=5, callback=events.append)
+        out = run_sampler(sampler, latent, sigmas, seed=5)
+        info = sampler.extra_options["info"]
         assert out.shape == latent.shape and torch.isfinite(out).all()
-        assert events and 0 < events[-1]["nfe"] <= budget
-        assert events[-1]["method"] == method_label(method, mode)
+        (bar,) = comfy_host.bars[-1:]
+        assert bar and bar[-1][:2] == (info["stats"]["nfe"], budget) and 0 < info["stats"]["nfe"] <= budget
+        assert info["method"] == method_label(method, mode)
         if mode == "search":  # the best found, best first
             scores = score(out)
             assert torch.equal(scores, scores.sort(descending=True).values)
-            assert scores[0].item() == pytest.approx(events[-1]["best_reward"])
+            assert scores[0].item() == pytest.approx(info["best_reward"])
         else:  # the same seed gives the same samples
             assert torch.equal(run_sampler(sampler, latent, sigmas, seed=5), out)
 
@@ -257,7 +330,7 @@ def dts_sampler(reward, **inputs):
 
 
 @pytest.fixture
-def jpeg_reward():
+def jpeg_reward(comfy_host):
     loader = NODE_CLASS_MAPPINGS["DTSRewardLoader"]()
     return loader.load("jpeg-compressibility", sampling.NO_WEIGHTS, "cpu", "auto", "")[0]
 
@@ -310,9 +383,70 @@ def test_a_kept_tree_continues_through_the_sampler_function(comfy_host, jpeg_rew
     run_sampler(second, latent, sigmas, seed=1)
     target = tree.sampler.nfe + 8
     assert f"/{target};" in sampling.summarize(second.extra_options["info"]) and target <= 24
-    assert second.extra_options["info"]["tree"].sampler.nfe > tree.sampler.nfe
+    grown = second.extra_options["info"]["tree"].sampler.nfe
+    assert grown > tree.sampler.nfe
+    assert comfy_host.bars[-1][-1][:2] == (grown - tree.sampler.nfe, 8)  # the bar counts this run's NFE
     with pytest.raises(ValueError, match="cannot continue the given tree: steps=3"):
         run_sampler(ksampler(8, tree), latent, sigmas[1:], seed=1)
+
+
+@pytest.fixture
+def digit_reward(comfy_host):
+    """A reward with weights (the bundled digit classifier), as the loader builds it."""
+    loader = NODE_CLASS_MAPPINGS["DTSRewardLoader"]()
+    return loader.load("digit-classifier", sampling.NO_WEIGHTS, "auto", "auto", '{"digit": 3}')[0]
+
+
+def test_the_loader_hands_the_reward_to_comfyuis_model_management(comfy_host, digit_reward):
+    """DTS_REWARD holds a ModelPatcher around the reward's module, so model management counts its weights, loads it
+    for scoring and may offload it; calling the reward loads it first."""
+    patcher = digit_reward.patcher
+    assert patcher.model.reward is digit_reward.reward and digit_reward.name == "digit-classifier[3]"
+    assert patcher.load_device == torch.device("cpu") and patcher.offload_device == torch.device("cpu")
+    weights = sum(t.nbytes for t in digit_reward.reward.state_dict().values())
+    assert weights > 0 and patcher.model_size() == weights
+    assert comfy_host.loaded == []  # built on the offload device, loaded only to score
+    scores = digit_reward(torch.rand(2, 3, 32, 32), None)
+    assert scores.shape == (2,) and comfy_host.loads == [[patcher]] and comfy_host.loaded == [patcher]
+
+
+def test_each_scoring_batch_loads_the_reward_then_the_sampling_models_back(comfy_host, digit_reward):
+    """ComfyUI loads the UNet (and ControlNets, ...) once per sampling run; loading the reward may offload them, so
+    after each scoring batch they are loaded back for the next denoising batch."""
+    model = TinyComfyModel()
+    import comfy.model_patcher
+
+    control = comfy.model_patcher.ModelPatcher(TinyUNet(), torch.device("cpu"), torch.device("cpu"))
+    model.inner_model.loaded_models = [control]
+    unet = model.inner_model.model_patcher
+    during = []
+    digit_reward.reward.register_forward_hook(
+        lambda module, args, out: during.append(comfy_host.loaded[0] is digit_reward.patcher)
+    )
+    run_sampler(dts_sampler(digit_reward, nfe_budget=24), torch.zeros(1, 4, 8, 8), TINY_SIGMAS, seed=0, model=model)
+    assert len(during) >= 2 and all(during)  # scored several batches, each with the reward loaded
+    assert comfy_host.loads == [[digit_reward.patcher], [unet, control]] * len(during)
+
+
+TINY_SIGMAS = torch.tensor([6.0, 2.0, 0.8, 0.3, 0.0])
+
+
+# NFE of one denoising step: the tree's rollout batch (4); SMC steps its one population of 32 / 4 particles together
+@pytest.mark.parametrize(("method", "step_nfe"), [("dts", 4), ("smc", 8)])
+def test_progress_counts_nfe_at_every_denoising_step_batch_and_previews_the_best_found(comfy_host, digit_reward,
+                                                                                       method, step_nfe):  # fmt: skip
+    model = TinyComfyModel()
+    budget, rows = 32, 4
+    sampler = dts_sampler(digit_reward, mode="search", nfe_budget=budget, method=method)
+    out = run_sampler(sampler, torch.zeros(1, 4, 8, 8), TINY_SIGMAS, seed=0, model=model)
+    (updates,) = comfy_host.bars
+    values = [value for value, _, _ in updates]
+    assert len(updates) >= model.calls >= budget // rows  # one update per denoising step batch at least
+    assert all(total == budget for _, total, _ in updates)
+    assert values == sorted(values) and values[-1] == sampler.extra_options["info"]["stats"]["nfe"]
+    assert max(b - a for a, b in itertools.pairwise([0, *values])) == step_nfe  # not a rollout at once
+    assert all(fmt == "JPEG" and x0.shape == (1, 4, 8, 8) for _, _, (fmt, x0, _) in updates)
+    assert torch.equal(updates[-1][2][1], out[:1])  # search mode: the first output is the best found
 
 
 ROOT = Path(__file__).resolve().parents[1]
