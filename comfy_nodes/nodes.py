@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dts_diffusers.engine import WIDENINGS
 from dts_diffusers.methods import METHODS
+from dts_diffusers.options import TreeOptions
 
 from . import sampling
 
@@ -73,18 +74,14 @@ def advanced_inputs() -> dict:
     }  # fmt: skip
 
 
-def tree_options(mode, lam, eta, branch_every=0, widening="default", c_uct=1.0, rollout_batch=4, method="dts"):
-    """Node inputs → `sample_dts` keywords."""
-    return {
-        "mode": mode,
-        "method": method,
-        "lam": lam,
-        "eta": eta,
-        "branch_every": branch_every or None,
-        "widening": widening,
-        "c_uct": c_uct,
-        "batch_size": rollout_batch,
-    }
+def tree_options(mode, lam, eta, branch_every=0, widening="default", c_uct=1.0, rollout_batch=4, method="dts") -> dict:
+    """Node inputs → `sample_dts` keywords: the checked `TreeOptions` (a bad value fails here, so ComfyUI reports it on
+    the node) and the step's noise level."""
+    options = TreeOptions(
+        lam=lam, mode=mode, method=method, branch_every=branch_every or None, widening=widening, c_uct=c_uct,
+        rollout_batch_size=rollout_batch,
+    )  # fmt: skip
+    return {"tree_options": options, "eta": eta}
 
 
 class DTSRewardLoader:

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .engine import WIDENINGS, default_branch_levels
-from .methods import METHODS, TREE_PRESETS, build_sampler, searches
+from .methods import TREE_PRESETS, build_sampler, searches
 from .noise import check_renoise_levels, randn_rows
-from .tree import Widening
+from .options import TreeOptions
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -96,13 +95,6 @@ def find_model_sampling(model) -> object | None:
 def is_flow_sampling(model_sampling) -> bool:
     """True for ComfyUI's rectified-flow `CONST` model sampling (and its subclasses)."""
     return any(cls.__name__ == "CONST" for cls in type(model_sampling).__mro__)
-
-
-def branch_levels_every(num_steps: int, branch_every: int) -> list[int]:
-    """Branch at x_T and every `branch_every` steps below it (num_steps, num_steps - every, …, ≥ 1)."""
-    if not isinstance(branch_every, int) or branch_every < 1:
-        raise ValueError(f"branch_every must be a positive integer (got {branch_every!r})")
-    return list(range(num_steps, 0, -branch_every))
 
 
 def single_latent(latent_image: torch.Tensor) -> torch.Tensor:
@@ -172,14 +164,19 @@ class SigmaChain:
 
 
 class Scorer:
-    """`reward(decode(latents))` as a float vector; its callables are rebound each run, so a kept tree holds none."""
+    """`reward(decode(latents))` as a float vector, `batch_size` latents at a time (a particle method hands over its
+    whole population, which must not sit decoded at once); its callables are rebound each run, so a kept tree holds
+    none."""
 
-    def __init__(self, reward: Callable | None, decode: Callable | None):
-        self.reward, self.decode = reward, decode
+    def __init__(self, reward: Callable | None, decode: Callable | None, batch_size: int):
+        self.reward, self.decode, self.batch_size = reward, decode, batch_size
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._score(chunk) for chunk in latents.split(self.batch_size)])
+
+    def _score(self, latents: torch.Tensor) -> torch.Tensor:
         scores = self.reward(self.decode(latents) if self.decode is not None else latents)
-        return torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+        return torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
 
 
 @dataclass
@@ -241,14 +238,6 @@ def method_label(method: str, mode: str) -> str:
     return f"{method} search" if mode == "search" else method
 
 
-def widening_option(widening) -> dict:
-    """The `widening=` sampler option: "default" passes nothing, so each method keeps its own widening (the engine's
-    default for "dts" / "dts*", the paper's for "dts-paper" / "dts*-paper"); a `Widening` or "paper" is passed on."""
-    if isinstance(widening, str) and widening not in WIDENINGS:
-        raise ValueError(f"widening must be a Widening or one of {', '.join(WIDENINGS)} (got {widening!r})")
-    return {} if isinstance(widening, str) and widening == "default" else {"widening": widening}
-
-
 @torch.no_grad()
 def sample_dts(
     model: Denoiser,
@@ -261,15 +250,8 @@ def sample_dts(
     reward: Callable[[torch.Tensor], torch.Tensor],
     nfe_budget: int,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    lam: float = 1.0,
-    mode: str = "sample",
-    method: str = "dts",
+    tree_options: TreeOptions | None = None,
     num_outputs: int | None = None,
-    branch_levels: Sequence[int] | None = None,
-    branch_every: int | None = None,
-    widening: Widening | str = "default",
-    c_uct: float = 1.0,
-    batch_size: int = 8,
     seed: int | None = None,
     eta: float = 1.0,
     flow: bool | None = None,
@@ -278,15 +260,16 @@ def sample_dts(
     interrupt: Callable[[], object] | None = None,
     info: dict | None = None,
     tree: SearchTree | None = None,
+    **options,
 ) -> torch.Tensor:
     """Run `method` (any of `dts_diffusers.methods.METHODS`) over `sigmas` and return `num_outputs` samples.
 
     `reward(images) -> Tensor[n]` scores `decode(latents)` (images [n, 3, H, W] in [0, 1]), or the latents themselves
-    when `decode` is None. `method="dts"` grows the tree; the baselines run under the same NFE budget. `mode="sample"`
-    draws the outputs from π* ∝ p·exp(λ·r); `"search"` returns the best found (with `"dts"` that is DTS*, which
-    `method="dts*"` always is); `"dts-paper"` / `"dts*-paper"` are the paper's Algorithm 1 / DTS*. `widening` is the
-    progressive widening per level, a `Widening` or 'default' / 'paper'; the paper's uniform c = 2, α = 0.8 is 'paper'
-    ('default' keeps the method's own, 'paper' for the "-paper" methods). Options a method does not use are ignored.
+    when `decode` is None. How the tree (or baseline) grows is `tree_options` (a `TreeOptions`: λ, mode, method,
+    branching, widening, rollout batch, …), whose fields may also be given as keywords (`lam=`, `mode=`, …), which
+    replace those of `tree_options`. `method="dts"` grows the tree; the baselines run under the same NFE budget.
+    `mode="sample"` draws the outputs from π* ∝ p·exp(λ·r); `"search"` returns the best found (with `"dts"` that is
+    DTS*, which `method="dts*"` always is); `"dts-paper"` / `"dts*-paper"` are the paper's Algorithm 1 / DTS*.
     `callback` gets k-diffusion's dict after every denoising step batch (one model call) and every batch of
     rollouts, with the best sample found so far as `x`/`denoised` (before the first batch is scored: the step's x̂_0),
     `i` counting steps in proportion to the budget spent, and `nfe` (counted so far), `nfe_budget`, `best_reward`
@@ -297,6 +280,11 @@ def sample_dts(
     `seed` is then unused (the tree's own random streams go on). The given tree is not changed: a copy grows.
     Returns a tensor shaped like `x` with `num_outputs` rows (default: as many as `x`).
     """
+    changes, unknown = TreeOptions.split_keywords(options)
+    if unknown:
+        raise TypeError(f"sample_dts() got an unexpected keyword argument {next(iter(unknown))!r}")
+    options = TreeOptions.build(tree_options, **changes)
+    method, mode = options.method, options.mode
     extra_args = {} if extra_args is None else extra_args
     num_steps = len(sigmas) - 1
     if num_steps < 1:
@@ -306,25 +294,20 @@ def sample_dts(
             f"eta must be > 0 (got {eta}): DTS branches on each step's fresh noise, and with eta=0 the steps are "
             "deterministic, so every child of a node would be the same; use eta=1 (ancestral sampling)"
         )
-    if mode not in ("sample", "search"):
-        raise ValueError(f"mode must be 'sample' (draw from p·exp(λ·r)) or 'search' (the best found) (got {mode!r})")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     label = method_label(method, mode)
     num_outputs = x.shape[0] if num_outputs is None else int(num_outputs)
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive integer (got {num_outputs})")
-    if branch_levels is None and branch_every is not None:
-        branch_levels = branch_levels_every(num_steps, branch_every)
     model_sampling = find_model_sampling(model)
     if flow is None:
         flow = model_sampling is not None and is_flow_sampling(model_sampling)
     if latent_image is None:
         latent_image = getattr(model, "latent_image", None)
     latent = _clean_latent(latent_image, x)
-    levels = list(branch_levels) if branch_levels is not None else default_branch_levels(num_steps)
+    widening = options.widening
     settings = tree_settings(
-        sigmas, x, lam=lam, mode=mode, method=method, eta=eta, flow=flow, **{"branch levels": levels},
+        sigmas, x, lam=options.lam, mode=mode, method=method, eta=eta, flow=flow,
+        **{"branch levels": options.levels(num_steps)},
         widening=widening if isinstance(widening, str) else repr(widening),
     )  # fmt: skip
     if tree is not None:
@@ -341,22 +324,17 @@ def sample_dts(
         chain = SigmaChain(
             model, sigmas, latent, extra_args, flow, eta, noise_scaling or _default_noise_scaling(model_sampling, flow)
         )
-        scorer = Scorer(reward, decode)
+        scorer = Scorer(reward, decode, options.rollout_batch_size)
         sampler = build_sampler(
             method,
             chain.prior,
             chain.transition,
             scorer,
             num_steps,
-            lam=lam,
-            mode=mode,
-            branch_levels=levels,
-            **widening_option(widening),
-            c_uct=c_uct,
-            batch_size=batch_size,
             seed=int(extra_args.get("seed", 0) if seed is None else seed),
             device=x.device,
             renoise=chain.renoise,
+            **options.sampler_options(num_steps),
         )
         kept = SearchTree(sampler, chain, scorer, settings)
     sampler = kept.sampler

@@ -15,6 +15,7 @@ from packaging.requirements import Requirement
 
 from dts_diffusers.k_sampling import method_label
 from dts_diffusers.methods import METHODS
+from dts_diffusers.options import TreeOptions
 
 SOCKET_TYPES = {"MODEL", "CONDITIONING", "LATENT", "VAE", "SAMPLER", "SIGMAS", "DTS_REWARD", "DTS_TREE"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING"}
@@ -68,12 +69,14 @@ def test_scheduler_choices_fall_back_to_comfyui_0_8_names_without_comfyui():
 def test_tree_options_map_node_inputs_to_sample_dts():
     options = nodes.tree_options("search", 2.0, 1.0, branch_every=5, rollout_batch=8, method="smc")
     assert options == {
-        "mode": "search", "method": "smc", "lam": 2.0, "eta": 1.0, "branch_every": 5, "widening": "default",
-        "c_uct": 1.0, "batch_size": 8,
-    }  # fmt: skip
-    assert nodes.tree_options("sample", 1.0, 1.0, widening="paper")["widening"] == "paper"
-    assert nodes.tree_options("sample", 1.0, 1.0)["branch_every"] is None  # 0 = the paper's schedule
-    assert nodes.tree_options("sample", 1.0, 1.0)["method"] == "dts"
+        "tree_options": TreeOptions(lam=2.0, mode="search", method="smc", branch_every=5, rollout_batch_size=8),
+        "eta": 1.0,
+    }
+    assert nodes.tree_options("sample", 1.0, 1.0, widening="paper")["tree_options"].widening == "paper"
+    assert nodes.tree_options("sample", 1.0, 1.0)["tree_options"].branch_every is None  # 0 = the paper's schedule
+    assert nodes.tree_options("sample", 1.0, 1.0)["tree_options"].method == "dts"
+    with pytest.raises(ValueError, match="unknown method 'mcts'"):  # raised in the node's function: a node error
+        nodes.tree_options("sample", 1.0, 1.0, method="mcts")
 
 
 def test_display_names_differ_case_insensitively_and_node_ids_are_kept():
@@ -119,11 +122,11 @@ def test_summary_says_when_the_tree_has_fewer_leaves_than_outputs():
 
 def test_bad_inputs_raise_in_the_node_function_with_clear_messages():
     sampler = NODE_CLASS_MAPPINGS["DTSSamplerSelect"]()
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         sampler.get_sampler(None, None, "", "sample", -1.0, 100, 1.0)
     with pytest.raises(ValueError, match="eta must be > 0"):
         sampler.get_sampler(None, None, "", "sample", 1.0, 100, 0.0)
-    with pytest.raises(ValueError, match=r"method must be one of dts, dts\*, .*; pick one in the method input"):
+    with pytest.raises(ValueError, match=r"unknown method 'none'; choose one of dts, dts\*, "):
         sampler.get_sampler(None, None, "", "sample", 1.0, 100, 1.0, method="none")
     with pytest.raises(ValueError, match="nfe_budget=3 is below one rollout: one sample costs 4 NFE, one per step "
                        "of the connected sigmas; give at least 4"):  # fmt: skip

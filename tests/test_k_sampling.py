@@ -146,7 +146,7 @@ def test_bad_settings_raise_clear_errors():
     sigmas = karras_sigmas(4)
     x = torch.zeros(1, 1)
     run = dict(reward=linear_reward, nfe_budget=40, disable=True)
-    with pytest.raises(ValueError, match="lam must be >= 0"):
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0"):
         sample_dts(gaussian_denoiser, x, sigmas, lam=-1.0, **run)
     with pytest.raises(ValueError, match="eta must be > 0"):
         sample_dts(gaussian_denoiser, x, sigmas, eta=0.0, **run)
@@ -161,7 +161,7 @@ def test_callback_and_interrupt():
     events = []
     out = sample_dts(
         gaussian_denoiser, torch.zeros(2, 3), sigmas, callback=events.append, reward=linear_reward, nfe_budget=5 * 24,
-        batch_size=4, disable=True,
+        rollout_batch_size=4, disable=True,
     )  # fmt: skip
     assert out.shape == (2, 3)
     nfes = [e["nfe"] for e in events]  # one event per batch: at most 4 rollouts of 5 steps
@@ -173,7 +173,7 @@ def test_callback_and_interrupt():
     calls = []
     info = {}
     sample_dts(
-        gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=5 * 24, batch_size=4,
+        gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=5 * 24, rollout_batch_size=4,
         disable=True, interrupt=lambda: calls.append(1) or len(calls) == 2, info=info,
     )  # fmt: skip
     assert 0 < info["stats"]["nfe"] <= 2 * 4 * 5  # stopped after the second batch
@@ -186,7 +186,7 @@ def test_every_method_runs_under_the_budget_with_progress_and_best_first_in_sear
     events, info = [], {}
     out = sample_dts(
         gaussian_denoiser, torch.zeros(1, 3), sigmas, callback=events.append, reward=linear_reward, nfe_budget=budget,
-        method=method, lam=2.0, num_outputs=3, batch_size=4, disable=True, info=info,
+        method=method, lam=2.0, num_outputs=3, rollout_batch_size=4, disable=True, info=info,
     )  # fmt: skip
     assert out.shape == (3, 3) and torch.isfinite(out).all()
     assert info["method"] == method and 0 < info["stats"]["nfe"] <= budget
@@ -196,7 +196,7 @@ def test_every_method_runs_under_the_budget_with_progress_and_best_first_in_sear
     info = {}
     out = sample_dts(
         gaussian_denoiser, torch.zeros(1, 3), sigmas, reward=linear_reward, nfe_budget=budget, method=method,
-        mode="search", lam=2.0, num_outputs=3, batch_size=4, disable=True, info=info,
+        mode="search", lam=2.0, num_outputs=3, rollout_batch_size=4, disable=True, info=info,
     )  # fmt: skip
     assert info["method"] in ("dts*", "dts*-paper", f"{method} search")
     rewards = linear_reward(out)
@@ -229,7 +229,7 @@ def test_widening_default_keeps_the_method_own_and_a_choice_overrides_it(monkeyp
         return built[-1]
 
     monkeypatch.setattr(k_sampling, "build_sampler", spy)
-    run = dict(reward=linear_reward, nfe_budget=40, batch_size=4, disable=True)
+    run = dict(reward=linear_reward, nfe_budget=40, rollout_batch_size=4, disable=True)
     custom = Widening.uniform(1.0, 0.5)
     cases = [
         ("dts", "default", WIDENINGS["default"]),
@@ -342,14 +342,14 @@ def test_tiny_unet_search_returns_its_best_decoded_sample(tiny_sd_parts):
     info = {}
     found = sample_dts(
         denoiser, x, sigmas, reward=brightness, decode=decode, nfe_budget=6 * 12, mode="search", lam=10.0,
-        num_outputs=3, batch_size=4, seed=3, disable=True, info=info,
+        num_outputs=3, rollout_batch_size=4, seed=3, disable=True, info=info,
     )  # fmt: skip
     assert found.shape == (3, 4, 8, 8) and torch.isfinite(found).all()
     assert info["rewards"][0].item() == pytest.approx(info["best_reward"]) == info["rewards"].max().item()
     assert torch.allclose(brightness(decode(found)), info["rewards"], atol=1e-5)
     again = sample_dts(
         denoiser, x, sigmas, reward=brightness, decode=decode, nfe_budget=6 * 12, mode="search", lam=10.0,
-        num_outputs=3, batch_size=4, seed=3, disable=True,
+        num_outputs=3, rollout_batch_size=4, seed=3, disable=True,
     )  # fmt: skip
     assert torch.equal(again, found)
 
@@ -361,7 +361,9 @@ def test_a_kept_tree_continues_as_one_longer_run_and_is_not_changed(method):
     was (ComfyUI caches it as a node output)."""
     sigmas = karras_sigmas(4)
     x = torch.zeros(1, 2)
-    common = dict(reward=linear_reward, lam=1.0, method=method, num_outputs=2, disable=True, seed=3, batch_size=2)
+    common = dict(
+        reward=linear_reward, lam=1.0, method=method, num_outputs=2, disable=True, seed=3, rollout_batch_size=2
+    )
     once, first, second = {}, {}, {}
     sample_dts(gaussian_denoiser, x, sigmas, nfe_budget=48, info=once, **common)
     sample_dts(gaussian_denoiser, x, sigmas, nfe_budget=24, info=first, **common)
@@ -395,3 +397,20 @@ def test_a_tree_continues_only_the_run_it_was_grown_for():
         with pytest.raises(ValueError, match=f"cannot continue the given tree: .*{message}.*start a new tree"):
             sample_dts(gaussian_denoiser, reward=linear_reward, nfe_budget=8, disable=True, tree=tree, **kwargs)
     assert tree.sampler.nfe == info["stats"]["nfe"]
+
+
+@pytest.mark.parametrize("method", ["best-of-n", "smc", "dts"])
+def test_the_reward_sees_at_most_a_rollout_batch(method):
+    """Particle methods score their whole population at once; the sampler decodes and scores it in rollout batches,
+    so a large budget never sits decoded in memory (ComfyUI's VAE decode) at once."""
+    seen = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append(len(x))
+        return linear_reward(x)
+
+    sample_dts(
+        gaussian_denoiser, torch.zeros(1, 2), karras_sigmas(4), reward=recording, nfe_budget=4 * 24, method=method,
+        rollout_batch_size=3, disable=True,
+    )  # fmt: skip
+    assert max(seen) <= 3 and sum(seen) >= 24

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dts_diffusers.pipelines import DTSPipeline
 
 from dts_diffusers import TreeOptions, Widening
 from dts_diffusers.methods import METHODS
-from dts_diffusers.pipelines import DTSPipeline
 from tests.test_pipeline import STEPS, RecordingReward, run, sd_path  # noqa: F401  (sd_path is a fixture)
 
 
