@@ -50,9 +50,12 @@ def request(url: str, payload: dict | None = None, timeout: float = 30) -> tuple
         return err.code, json.loads(err.read() or b"{}")
 
 
-def queue(server: str, workflow: dict) -> str:
-    """Queue the workflow; returns its prompt id. ComfyUI validates it first and answers 400 with node errors."""
-    status, answer = request(f"{server}/prompt", {"prompt": workflow})
+def queue(server: str, workflow: dict, client_id: str | None = None) -> str:
+    """Queue the workflow; returns its prompt id. ComfyUI validates it first and answers 400 with node errors.
+
+    With `client_id`, ComfyUI sends the run's progress and previews to the websocket `/ws?clientId=<client_id>`."""
+    payload = {"prompt": workflow} if client_id is None else {"prompt": workflow, "client_id": client_id}
+    status, answer = request(f"{server}/prompt", payload)
     if status != 200:
         raise RuntimeError(f"ComfyUI refused the workflow ({status}): {json.dumps(answer.get('node_errors', answer))}")
     return answer["prompt_id"]

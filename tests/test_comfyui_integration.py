@@ -7,12 +7,18 @@ level, zero-weight CLIP text encoder, random TAESD as the VAE), starts ComfyUI o
 workflows/tiny_cpu_dts_api.json to saved images and reported rewards, with DTS and with a particle baseline picked by
 the sampler's `method` input; the SamplerCustomAdvanced workflow with DTS Run Report; and the anytime workflow, whose
 second sampler continues the first one's tree across two queue runs.
+
+Two observers watch ComfyUI from outside the pack: a probe written into custom_nodes/ (not part of the pack) records
+every `comfy.model_management.load_models_gpu` call and serves the record at /dts_probe/loads, which shows the
+reward held and loaded by ComfyUI's model management; and a websocket client (run with COMFYUI_PYTHON, which has
+aiohttp) records the progress and preview messages a browser gets.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import uuid
 from pathlib import Path
 
 import pytest
@@ -75,6 +82,57 @@ save_file(state, out)
 """
 
 
+PROBE = """
+import comfy.model_management as model_management
+from aiohttp import web
+from server import PromptServer
+
+CALLS = []
+_load_models_gpu = model_management.load_models_gpu
+
+
+def load_models_gpu(models, *args, **kwargs):
+    out = _load_models_gpu(models, *args, **kwargs)
+    CALLS.append({
+        "models": [type(m.model).__name__ for m in models],
+        "sizes": [m.model_size() for m in models],
+        "loaded": [type(m.model).__name__ for m in model_management.loaded_models()],
+    })
+    return out
+
+
+model_management.load_models_gpu = load_models_gpu
+
+
+@PromptServer.instance.routes.get("/dts_probe/loads")
+async def loads(request):
+    return web.json_response(CALLS)
+
+
+NODE_CLASS_MAPPINGS = {}
+"""
+
+LISTEN = """
+import asyncio, json, sys
+import aiohttp
+
+
+async def main(url, path):
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        with open(path, "w") as out:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    out.write(message.data + "\\n")
+                elif message.type == aiohttp.WSMsgType.BINARY:  # a preview: event type, then the image
+                    event = int.from_bytes(message.data[:4], "big")
+                    out.write(json.dumps({"type": "binary", "data": {"event": event}}) + "\\n")
+                out.flush()
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -89,6 +147,8 @@ def comfyui(tmp_path_factory):
     (base / "models" / "dts_rewards" / "empty-weights").mkdir(parents=True)
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "dts-diffusers").symlink_to(ROOT, target_is_directory=True)
+    (base / "custom_nodes" / "dts_probe").mkdir()
+    (base / "custom_nodes" / "dts_probe" / "__init__.py").write_text(PROBE)
     subprocess.run(
         [python, "-c", BUILD_CHECKPOINT, str(base / "models" / "checkpoints" / CHECKPOINT)],
         cwd=COMFYUI_PATH, env={**os.environ, "PYTHONPATH": COMFYUI_PATH}, check=True, timeout=300,
@@ -96,7 +156,8 @@ def comfyui(tmp_path_factory):
     port = free_port()
     log = open(base / "comfyui.log", "w")  # noqa: SIM115 (closed at teardown)
     server = subprocess.Popen(
-        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+        [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+         "--preview-method", "latent2rgb"],
         cwd=COMFYUI_PATH, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +172,7 @@ def comfyui(tmp_path_factory):
         except (urllib.error.URLError, ConnectionError):
             pass
         time.sleep(1)
-    yield {"url": url, "base": base, "server": server, "object_info": object_info}
+    yield {"url": url, "base": base, "server": server, "object_info": object_info, "python": python}
     server.terminate()
     server.wait(timeout=30)
     log.close()
@@ -120,6 +181,58 @@ def comfyui(tmp_path_factory):
 def run(comfyui, workflow: dict, timeout: float = 400) -> dict:
     """Queue and wait with the functions of examples/comfyui_api.py, so the example runs against a real ComfyUI."""
     return comfyui_api.wait(comfyui["url"], comfyui_api.queue(comfyui["url"], workflow), timeout)
+
+
+def run_watched(comfyui, workflow: dict, timeout: float = 400) -> tuple[dict, list[dict]]:
+    """Run a workflow with a websocket client connected as its client: (history entry, messages in order)."""
+    client_id = uuid.uuid4().hex
+    path = comfyui["base"] / f"ws-{client_id}.jsonl"
+    url = comfyui["url"].replace("http://", "ws://") + f"/ws?clientId={client_id}"
+    listener = subprocess.Popen([comfyui["python"], "-c", LISTEN, url, str(path)])
+    try:
+        messages = wait_for_messages(path, lambda ms: ms, listener)  # ComfyUI's status message: connected
+        prompt_id = comfyui_api.queue(comfyui["url"], workflow, client_id)
+        entry = comfyui_api.wait(comfyui["url"], prompt_id, timeout)
+
+        def finished(ms):
+            return any(m["type"] in ("execution_success", "execution_error") and m["data"]["prompt_id"] == prompt_id
+                       for m in ms)  # fmt: skip
+
+        messages = wait_for_messages(path, finished, listener)
+    finally:
+        listener.terminate()
+        listener.wait(timeout=30)
+    return entry, messages
+
+
+def wait_for_messages(path: Path, done, listener, timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        if done(messages):
+            return messages
+        assert listener.poll() is None, "the websocket client stopped"
+        assert time.monotonic() < deadline, f"no such websocket messages within {timeout} s: {messages[-5:]}"
+        time.sleep(0.2)
+
+
+def probe_loads(comfyui) -> list[dict]:
+    """Every load_models_gpu call so far: the models it loaded (class names, sizes) and what was loaded after it."""
+    status, calls = request(f"{comfyui['url']}/dts_probe/loads")
+    assert status == 200
+    return calls
+
+
+def progress_values(messages: list[dict], node: str, total: int) -> list[int]:
+    """The values of a node's "progress" messages, checked to count up to `total`."""
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == node]
+    values = [p["value"] for p in progress]
+    assert values and values == sorted(values) and all(p["max"] == total for p in progress), progress
+    return values
+
+
+def largest_step(values: list[int]) -> int:
+    return max(b - a for a, b in itertools.pairwise([0, *values]))
 
 
 def with_inputs(node: str, **inputs) -> dict:
@@ -226,11 +339,17 @@ def test_dts_sampler_in_sampler_custom_advanced(comfyui):
     workflow["13"] = {"class_type": "DTSRunReport", "inputs": {"sampler": ["6", 0], "samples": ["10", 0]}}
     for method in ("dts", "smc"):
         workflow["6"]["inputs"]["method"] = method
-        entry = run(comfyui, workflow)
+        entry, messages = run_watched(comfyui, workflow)
         assert entry["status"]["status_str"] == "success", (method, entry["status"])
         assert len(entry["outputs"]["12"]["images"]) == 2  # as many samples as the latent batch
         assert len(entry["outputs"]["13"]["rewards"]) == 2
-        assert entry["outputs"]["13"]["text"][0].startswith(f"{method.upper()}: rewards [")
+        summary = entry["outputs"]["13"]["text"][0]
+        assert summary.startswith(f"{method.upper()}: rewards [")
+        # the custom sampler's bar counts NFE of the budget (not the sigmas' 3 steps), at every denoising step batch
+        values = progress_values(messages, "10", 12)
+        assert values[-1] == int(re.search(r"NFE (\d+)/12", summary)[1])
+        if method == "dts":  # rollout_batch 3: at most 3 rows per step batch (SMC steps its one population of 4)
+            assert len(values) >= values[-1] // 3 and largest_step(values) <= 3
     workflow["6"]["inputs"].update(nfe_budget=2, sigmas=["9", 0])  # the budget is checked on the SAMPLER node
     error = execution_error(run(comfyui, workflow))
     assert error["node_id"] == "6" and "nfe_budget=2 is below one rollout" in error["exception_message"]
@@ -266,3 +385,33 @@ def test_a_second_queue_run_continues_the_cached_tree_with_more_budget(comfyui):
     workflow["10"]["inputs"]["lam"] = 2.0  # a tree continues only the target it was grown for
     error = execution_error(run(comfyui, workflow))
     assert error["node_id"] == "10" and "lam=2.0 (the tree has 10.0)" in error["exception_message"]
+
+
+def test_the_reward_is_a_comfyui_managed_model_and_progress_comes_every_denoising_step_batch(comfyui):
+    """The digit classifier (a reward with weights): model management loads it for every scoring batch (which counts
+    its weights in its accounting) and loads the UNet back after; the sampler's progress bar moves in NFE at least
+    once per denoising step batch (at most rollout_batch rows each), each update with a preview."""
+    workflow = with_inputs("5", reward_name="digit-classifier", device="auto", options='{"digit": 3}')
+    workflow[SAMPLER_NODE]["inputs"].update(nfe_budget=24, rollout_batch=2, num_outputs=1)
+    before = len(probe_loads(comfyui))
+    entry, messages = run_watched(comfyui, workflow)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    summary = entry["outputs"][SAMPLER_NODE]["text"][0]
+    nfe, evaluations = (int(n) for n in re.search(r"NFE (\d+)/24; reward evaluations (\d+)", summary).groups())
+
+    calls = probe_loads(comfyui)[before:]
+    reward_loads = [i for i, call in enumerate(calls) if call["models"] == ["DTSRewardModel"]]
+    assert len(reward_loads) >= math.ceil(evaluations / 2)  # a batch of <= 2 rollouts per call (and the guides')
+    from dts_diffusers.rewards import load_reward
+
+    weights = sum(t.nbytes for t in load_reward("digit-classifier", digit=3).state_dict().values())
+    for i in reward_loads:
+        assert calls[i]["sizes"] == [weights] and calls[i]["loaded"][0] == "DTSRewardModel"
+        assert calls[i + 1]["models"][0] == "BaseModel"  # the UNet back for the next denoising batch
+    assert "Requested to load DTSRewardModel" in (comfyui["base"] / "comfyui.log").read_text()
+
+    values = progress_values(messages, SAMPLER_NODE, 24)
+    assert len(values) >= nfe // 2 and values[-1] == nfe
+    assert largest_step(values) <= 2  # one step batch of <= 2 rows, never a whole batch of rollouts at once
+    previews = [m for m in messages if m["type"] == "binary"]
+    assert len(previews) >= len(values)  # latent2rgb previews of the best found (the step's x̂_0 before one is)
