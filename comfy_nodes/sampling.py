@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -187,7 +188,7 @@ def comfy_sample_dts(
     return samples
 
 
-def nfe_progress(patcher, nfe_budget: int, start: int):
+def nfe_progress(patcher, nfe_budget: int, start: int) -> Callable[[dict], None]:
     """A ComfyUI progress bar over this run's `nfe_budget`, previewing the best sample found so far (the step's x̂_0
     before the first is scored) with the previewer ComfyUI's samplers use (--preview-method)."""
     import comfy.utils
