@@ -856,7 +856,9 @@ def resolve_process(args: argparse.Namespace) -> tuple[int, int, torch.device]:
         return index, count, device
     from accelerate import PartialState
 
-    state = PartialState()
+    # without CUDA, torchrun / accelerate launch ranks need gloo on the CPU, or each one runs alone as 0/1
+    cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
     return state.process_index, state.num_processes, torch.device(args.device) if args.device else state.device
 
 
