@@ -724,6 +724,11 @@ class DTS:
     def _compute_device(self, like: torch.Tensor) -> torch.device:
         return self.device if self.device is not None else like.device
 
+    @property
+    def _home(self) -> torch.device:
+        """Where gathered latents are returned: the compute device, else the store's."""
+        return self.device if self.device is not None else self.store.device
+
     def _store(self, nodes: list[int], latents: torch.Tensor | None) -> None:
         if nodes:
             self.store.put(self.tree, nodes, latents)
@@ -732,31 +737,83 @@ class DTS:
     # latents: gather, replay evicted ones from stored seeds
     # ---------------------------------------------------------------------------------------------------------
     def _latents(self, nodes: list[int]) -> torch.Tensor:
-        rows = [self._latent(node) for node in nodes]
-        return torch.cat(rows)
-
-    def _latent(self, node: int) -> torch.Tensor:
+        """The latents of `nodes` (repeats allowed), in order: stored ones in one gather, evicted ones replayed
+        together (`_replay`), then stored."""
         tree = self.tree
-        if tree.slot_np[node] != NO_SLOT:
-            return self.store.get([int(tree.slot_np[node])]).to(self._compute_device(self.store.data))
-        chain = [node]
-        while tree.slot_np[chain[-1]] == NO_SLOT and tree.parent_np[chain[-1]] != ROOT:
-            chain.append(int(tree.parent_np[chain[-1]]))
-        top = chain.pop()
-        if tree.slot_np[top] == NO_SLOT:  # an x_T node: redraw it from its seed, no NFE
-            x = call_prior(self.prior, 1, row_generators([tree.seed_np[top]]), self._state_shape)
-        else:
-            x = self.store.get([int(tree.slot_np[top])])
-        x = x.to(self._compute_device(x))
-        level = int(tree.level_np[top])
-        for child in reversed(chain):
-            generator = row_generators([tree.seed_np[child]])
-            while level > tree.level_np[child]:
-                x = call_transition(self.transition, x, level, generator)
-                level -= 1
-                self.replayed_nfe += 1
-        self._store([node], x)
-        return x
+        unique = list(dict.fromkeys(int(node) for node in nodes))
+        slots = tree.slot_np[unique]
+        stored = [i for i, slot in enumerate(slots) if slot != NO_SLOT]
+        missing = [i for i, slot in enumerate(slots) if slot == NO_SLOT]
+        parts, order = [], stored + missing
+        if stored:
+            parts.append(self.store.get(slots[stored].tolist()).to(self._home))
+        if missing:
+            replayed = self._replay([unique[i] for i in missing])
+            self._store([unique[i] for i in missing], replayed)
+            parts.append(replayed)
+        x = torch.cat(parts)[torch.as_tensor(np.argsort(order), device=self._home)]
+        if len(unique) == len(nodes):
+            return x
+        index = {node: i for i, node in enumerate(unique)}
+        return x[torch.as_tensor([index[int(node)] for node in nodes], device=self._home)]
+
+    def _replay(self, targets: list[int]) -> torch.Tensor:
+        """Recompute evicted latents from their nearest stored ancestor (or their x_T seed) with the seeds of the
+        edges below it, all targets together: one transition call per level for every row at that level (in chunks
+        of `batch_size`), a shared evicted ancestor replayed once. Each row draws only from its own edge's
+        generator, as in the rollout that made it, so the latents are the same bit for bit."""
+        tree = self.tree
+        waiting: dict[int, list[int]] = {}  # a replayed node -> its children to replay from it
+        sources: list[int] = []  # stored ancestors and evicted x_T nodes the replay starts from
+        seen = set(targets)
+        for node in targets:
+            while tree.slot_np[node] == NO_SLOT and tree.parent_np[node] != ROOT:
+                parent = int(tree.parent_np[node])
+                waiting.setdefault(parent, []).append(node)
+                if parent in seen:
+                    break
+                seen.add(parent)
+                node = parent
+            else:
+                sources.append(node)
+        latent = dict(zip(sources, self._replay_sources(sources), strict=True))
+
+        def edges_below(parent: int, x: torch.Tensor) -> list[tuple]:
+            """Rows (node, level, latent, generator) stepping from `parent`'s latent to each child waiting on it."""
+            level = int(tree.level_np[parent])
+            return [(child, level, x, row_generators([tree.seed_np[child]])[0]) for child in waiting.get(parent, [])]
+
+        rows = [row for top in sources for row in edges_below(top, latent[top])]
+        for current in range(self.num_steps, 0, -1):
+            active = [row for row in rows if row[1] == current]
+            rows = [row for row in rows if row[1] != current]
+            for start in range(0, len(active), self.batch_size):
+                chunk = active[start : start + self.batch_size]
+                x = torch.cat([row[2] for row in chunk])
+                out = call_transition(self.transition, x, current, [row[3] for row in chunk])
+                self.replayed_nfe += len(chunk)
+                for (node, _, _, generator), y in zip(chunk, out.split(1), strict=True):
+                    if tree.level_np[node] < current - 1:  # the edge goes on: same row, same generator
+                        rows.append((node, current - 1, y, generator))
+                    else:
+                        latent[node] = y
+                        rows += edges_below(node, y)
+        return torch.cat([latent[node] for node in targets]).to(self._home)
+
+    def _replay_sources(self, nodes: list[int]) -> list[torch.Tensor]:
+        """The latents a replay starts from, one row each: stored ones in one gather, x_T nodes redrawn from their
+        seeds in one prior call (no NFE)."""
+        tree = self.tree
+        stored = [node for node in nodes if tree.slot_np[node] != NO_SLOT]
+        drawn = [node for node in nodes if tree.slot_np[node] == NO_SLOT]
+        rows: dict[int, torch.Tensor] = {}
+        if stored:
+            x = self.store.get(tree.slot_np[stored].tolist())
+            rows |= dict(zip(stored, x.to(self._compute_device(x)).split(1), strict=True))
+        if drawn:
+            x = call_prior(self.prior, len(drawn), row_generators(tree.seed_np[drawn]), self._state_shape)
+            rows |= dict(zip(drawn, x.to(self._compute_device(x)).split(1), strict=True))
+        return [rows[node] for node in nodes]
 
     # ---------------------------------------------------------------------------------------------------------
     # drawing from the finished tree

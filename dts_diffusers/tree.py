@@ -202,76 +202,142 @@ class TreeArrays:
         self.done_np[node] = True
 
 
-class LatentStore:
-    """Latents of tree nodes in fixed-size slots on one device, under an optional byte budget.
+PAGE_BYTES = 16 * 2**20  # one allocation of the latent store; growing never copies, so it never holds twice its data
+MAX_PAGE_SLOTS = 2**16  # small latents (the toy chains') still get pages of a sensible size
+CUDA_BUDGET_FRACTION = 0.5  # of the GPU memory free at the first store: the rest is the denoiser's and the reward's
 
-    Past the budget the least recently used slot is evicted; the engine replays an evicted latent from its stored
-    noise seeds. Slots live in one preallocated tensor so that gathering a batch is a single index_select.
+
+def default_latent_budget(device: torch.device) -> int | None:
+    """The store's budget when none is given: no limit off the GPU; on CUDA half of the memory free now (the
+    driver's free memory and the blocks torch's caching allocator holds unused), so a long run evicts and replays
+    latents instead of running out of memory."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(CUDA_BUDGET_FRACTION * (free + cached))
+
+
+class LatentStore:
+    """Latents of tree nodes in fixed-size slots on one device, under a byte budget.
+
+    Slots live in pages of `page_bytes` allocated as the tree grows: a new page never copies the old ones, so the
+    store holds at most its stored latents and one partly filled page. Past the budget (by default
+    `default_latent_budget`, or what was allocated when a page fails to fit on the GPU) the least recently used slots
+    are evicted; the engine replays an evicted latent from its stored noise seeds.
     """
 
-    def __init__(self, device: torch.device, budget_bytes: int | None):
+    def __init__(self, device: torch.device, budget_bytes: int | None, page_bytes: int = PAGE_BYTES):
         self.device = device
         self.budget_bytes = budget_bytes
-        self.data: torch.Tensor | None = None
+        self.page_bytes = page_bytes
+        self.pages: list[torch.Tensor] = []
+        self.page_slots = 0
+        self.max_slots: int | None = None
         self.owner = np.zeros(0, dtype=np.int64)
         self.last_use = np.zeros(0, dtype=np.int64)
         self.clock = 0
         self.free: list[int] = []
-        self.max_slots: int | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.owner.size
+
+    @property
+    def item_bytes(self) -> int:
+        return self.pages[0][0].numel() * self.pages[0].element_size() if self.pages else 0
 
     @property
     def bytes(self) -> int:
-        used = int((self.owner >= 0).sum())
-        return 0 if self.data is None else used * self.data[0].numel() * self.data.element_size()
+        """Bytes of the latents stored now."""
+        return int((self.owner >= 0).sum()) * self.item_bytes
 
-    def _allocate(self, like: torch.Tensor) -> None:
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of the pages allocated: at most `bytes` plus one page."""
+        return sum(page.numel() * page.element_size() for page in self.pages)
+
+    def _plan(self, like: torch.Tensor) -> None:
+        """Page size and slot limit, fixed by the first latent stored."""
         per_item = like.numel() * like.element_size()
+        if self.budget_bytes is None:
+            self.budget_bytes = default_latent_budget(self.device)
         if self.budget_bytes is not None:
-            self.max_slots = max(1, self.budget_bytes // per_item)
-        first = 256 if self.max_slots is None else min(256, self.max_slots)
-        self.data = torch.empty((first, *like.shape), dtype=like.dtype, device=self.device)
-        self.owner = np.full(first, -1, dtype=np.int64)
-        self.last_use = np.zeros(first, dtype=np.int64)
-        self.free = list(range(first - 1, -1, -1))
+            self.max_slots = max(1, int(self.budget_bytes // per_item))
+        self.page_slots = max(1, min(self.page_bytes // per_item, MAX_PAGE_SLOTS, self.max_slots or MAX_PAGE_SLOTS))
 
-    def _grow(self) -> bool:
-        old = self.data.shape[0]
-        new = 2 * old if self.max_slots is None else min(2 * old, self.max_slots)
-        if new == old:
+    def _add_page(self, like: torch.Tensor) -> bool:
+        """One more page (the last may be short, to end at the slot limit); False at the limit or out of memory."""
+        room = self.page_slots if self.max_slots is None else min(self.page_slots, self.max_slots - self.num_slots)
+        if room <= 0:
             return False
-        grown = torch.empty((new, *self.data.shape[1:]), dtype=self.data.dtype, device=self.device)
-        grown[:old] = self.data
-        self.data = grown
-        self.owner = np.concatenate([self.owner, np.full(new - old, -1, dtype=np.int64)])
-        self.last_use = np.concatenate([self.last_use, np.zeros(new - old, dtype=np.int64)])
-        self.free.extend(range(new - 1, old - 1, -1))
+        try:
+            page = torch.empty((room, *like.shape), dtype=like.dtype, device=self.device)
+        except torch.cuda.OutOfMemoryError:
+            if not self.pages:
+                raise
+            self.max_slots = self.num_slots  # what fits is what the store keeps: evict from now on
+            return False
+        first = self.num_slots
+        self.pages.append(page)
+        self.owner = np.concatenate([self.owner, np.full(room, -1, dtype=np.int64)])
+        self.last_use = np.concatenate([self.last_use, np.zeros(room, dtype=np.int64)])
+        self.free.extend(range(first + room - 1, first - 1, -1))
         return True
 
+    def _locate(self, slots: np.ndarray) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        """Per page holding some of `slots`: the page, the positions in `slots`, and the offsets in the page."""
+        page_of, offset = np.divmod(slots, self.page_slots)
+        out = []
+        for page in np.unique(page_of).tolist():
+            at = np.flatnonzero(page_of == page)
+            out.append((self.pages[page], at, offset[at]))
+        return out
+
+    def _index(self, positions: np.ndarray) -> torch.Tensor | slice:
+        """Positions as an index: a slice for a run (a view, no gathered copy), else a tensor on the device."""
+        if positions.size == 1 or (np.diff(positions) == 1).all():
+            return slice(int(positions[0]), int(positions[-1]) + 1)
+        return torch.as_tensor(positions, device=self.device)
+
     def put(self, tree: TreeArrays, nodes: list[int], latents: torch.Tensor) -> None:
-        """Store `latents[i]` for `nodes[i]`, evicting the least recently used slots if needed."""
-        if self.data is None:
-            self._allocate(latents[0])
-        latents = latents.to(self.device, self.data.dtype)
-        for i, node in enumerate(nodes):
-            if not self.free and not self._grow():
-                self._evict(tree)
-            slot = self.free.pop()
-            self.data[slot] = latents[i]
-            self.owner[slot] = node
-            tree.slot_np[node] = slot
-            self.last_use[slot] = self.clock
-
-    def _evict(self, tree: TreeArrays) -> None:
-        """Free the least recently used slot (all are owned when none is free); its latent is replayed on demand."""
-        slot = int(np.argmin(self.last_use))
-        tree.slot_np[self.owner[slot]] = NO_SLOT
-        self.owner[slot] = -1
-        self.free.append(slot)
-
-    def touch(self, slots: list[int]) -> None:
-        self.clock += 1
+        """Store `latents[i]` for `nodes[i]`, evicting the least recently used slots if needed (with more nodes than
+        the store holds, the last ones are kept)."""
+        if not self.pages:
+            self._plan(latents[0])
+        if self.max_slots is not None and len(nodes) > self.max_slots:
+            nodes, latents = nodes[-self.max_slots :], latents[-self.max_slots :]
+        while len(self.free) < len(nodes) and self._add_page(latents[0]):
+            pass
+        if len(self.free) < len(nodes):
+            self._evict(tree, len(nodes) - len(self.free))
+        slots = np.array([self.free.pop() for _ in nodes], dtype=np.int64)
+        latents = latents.to(self.device, self.pages[0].dtype)
+        for page, at, offset in self._locate(slots):
+            page[self._index(offset)] = latents[self._index(at)]
+        self.owner[slots] = nodes
+        tree.slot_np[nodes] = slots
         self.last_use[slots] = self.clock
 
+    def _evict(self, tree: TreeArrays, count: int) -> None:
+        """Free the `count` least recently used slots (all are owned when none is free); their latents are replayed
+        on demand."""
+        owned = np.flatnonzero(self.owner >= 0)
+        slots = owned[np.argpartition(self.last_use[owned], count - 1)[:count]] if count < owned.size else owned
+        tree.slot_np[self.owner[slots]] = NO_SLOT
+        self.owner[slots] = -1
+        self.free.extend(slots.tolist())
+
     def get(self, slots: list[int]) -> torch.Tensor:
-        self.touch(slots)
-        return self.data[torch.as_tensor(slots, device=self.device)]
+        """The latents in `slots`, in order, as one tensor on the store's device (marked as just used)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        self.clock += 1
+        self.last_use[slots] = self.clock
+        parts = self._locate(slots)
+        if len(parts) == 1:
+            page, _, offset = parts[0]
+            return page[self._index(offset)].clone()
+        out = torch.empty((slots.size, *self.pages[0].shape[1:]), dtype=self.pages[0].dtype, device=self.device)
+        for page, at, offset in parts:
+            out[self._index(at)] = page[self._index(offset)]
+        return out

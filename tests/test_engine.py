@@ -353,3 +353,102 @@ def test_engine_works_on_a_generic_chain_without_the_toy():
     dts = DTS(prior, transition, lambda x: x.sum(-1), num_steps=10, lam=2.0, seed=0).run(800)
     assert dts.sample(5).shape == (5, 3)
     assert dts.nfe <= 800
+
+
+def counting(transition):
+    """`transition` that records the level and row count of every call."""
+    calls = []
+
+    def wrapped(x, level, gens, return_x0=False):
+        calls.append((level, len(x)))
+        return transition(x, level, gens, return_x0=return_x0)
+
+    return wrapped, calls
+
+
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_sample_replays_evicted_latents_together_level_by_level_and_bit_for_bit(batch_size):
+    task = gmm_2d(num_steps=20)
+    transition, calls = counting(task.chain.transition)
+    full = make(task, seed=9, batch_size=batch_size).run(3000)
+    small = DTS(task.chain.prior, transition, task.reward, task.num_steps, lam=task.lam, seed=9, batch_size=batch_size,
+                latent_budget_bytes=8 * 64, latent_device="cpu").run(3000)  # fmt: skip
+    calls.clear()
+    replayed = small.replayed_nfe
+    assert torch.equal(small.sample(64), full.sample(64))
+    assert small.replayed_nfe - replayed == sum(rows for _, rows in calls) > 64  # every evicted leaf was replayed
+    per_level = {level: sum(1 for lv, _ in calls if lv == level) for level, _ in calls}
+    assert max(per_level.values()) <= math.ceil(64 / batch_size)
+    assert max(rows for _, rows in calls) <= batch_size
+
+
+def store_with_nodes(count, **kw):
+    from dts_diffusers.tree import LatentStore, TreeArrays
+
+    tree = TreeArrays(root_level=2)
+    for _ in range(count):
+        tree.add_node(0, 1, seed=0, is_draw_child=True)
+    return tree, LatentStore(torch.device("cpu"), **kw)
+
+
+def peak_bytes_allocated(call) -> int:
+    """The most bytes torch held at once during `call()`, above what it held before (its allocator's own events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_the_latent_store_grows_by_pages_and_never_holds_more_than_its_latents_and_one_page():
+    page = 64 * 1024
+    tree, store = store_with_nodes(3000, budget_bytes=None, page_bytes=page)
+    latents = torch.randn(3000, 4, 16, 16)  # 4 KiB each: 16 to a page
+    held = 0
+    for start in range(0, 3000, 100):
+        held += peak_bytes_allocated(lambda s=start: store.put(tree, list(range(1 + s, 101 + s)), latents[s : s + 100]))
+        assert held <= store.bytes + page
+        held = store.allocated_bytes
+    assert store.bytes == 3000 * 4096 and len(store.pages) == math.ceil(3000 / 16)
+    stored = np.flatnonzero(tree.slot_np[: tree.size] >= 0)
+    torch.testing.assert_close(store.get(tree.slot_np[stored].tolist()), latents[stored - 1], rtol=0, atol=0)
+
+
+def test_the_latent_store_evicts_the_least_recently_used_within_its_budget():
+    tree, store = store_with_nodes(40, budget_bytes=10 * 16, page_bytes=64)  # 16-byte latents: 10 slots, 4 a page
+    latents = torch.arange(40 * 4, dtype=torch.float32).view(40, 4)
+    store.put(tree, list(range(1, 11)), latents[:10])
+    for node in [*range(4, 11), 1, 2, 3]:  # node 4 is the least recently used, then 5, …
+        store.get([tree.slot_np[node]])
+    store.put(tree, list(range(11, 16)), latents[10:15])
+    assert store.allocated_bytes == store.bytes == 10 * 16
+    assert sorted(np.flatnonzero(tree.slot_np[:16] >= 0).tolist()) == [1, 2, 3, 9, 10, 11, 12, 13, 14, 15]
+    store.put(tree, list(range(16, 41)), latents[15:])  # more than it holds: the last ten stay
+    assert np.flatnonzero(tree.slot_np[: tree.size] >= 0).tolist() == list(range(31, 41))
+    torch.testing.assert_close(store.get(tree.slot_np[31:41].tolist()), latents[30:], rtol=0, atol=0)
+
+
+def test_the_latent_budget_defaults_to_no_limit_off_the_gpu():
+    from dts_diffusers.tree import default_latent_budget
+
+    assert default_latent_budget(torch.device("cpu")) is None
+    assert make(seed=0).run(400).store.budget_bytes is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_latent_budget_on_cuda_is_a_share_of_free_memory():
+    from dts_diffusers.tree import CUDA_BUDGET_FRACTION, LatentStore, TreeArrays, default_latent_budget
+
+    free, _ = torch.cuda.mem_get_info()
+    budget = default_latent_budget(torch.device("cuda"))
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0.9 * CUDA_BUDGET_FRACTION * free <= budget <= CUDA_BUDGET_FRACTION * total
+    tree, store = TreeArrays(root_level=2), LatentStore(torch.device("cuda"), None)
+    node = tree.add_node(0, 1, seed=0, is_draw_child=True)
+    store.put(tree, [node], torch.ones(1, 4, 8, 8))
+    assert 0.9 * budget <= store.budget_bytes <= total and store.pages[0].is_cuda
+    assert torch.equal(store.get([tree.slot_np[node]]).cpu(), torch.ones(1, 4, 8, 8))
