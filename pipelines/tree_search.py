@@ -148,7 +148,8 @@ def check_tree_matches(index: int, sampler, built_for: dict) -> None:
             f"tree[{index}] ({type(sampler).__name__}) was not built by a DTS pipeline call, so what it was built "
             "for is unknown; pass output.trees of an earlier call"
         )
-    changed = [name for name in TREE_FIELDS if recorded.get(name) != built_for[name]]
+    names = [*TREE_FIELDS, *(name for name in built_for if name not in TREE_FIELDS)]  # then a pipeline's own
+    changed = [name for name in names if recorded.get(name) != built_for[name]]
     if changed:
         differences = "; ".join(f"{name}={recorded.get(name)!r} then, {built_for[name]!r} now" for name in changed)
         raise ValueError(
@@ -315,6 +316,16 @@ class TreeSearchMixin:
             )
         return len(prompt)
 
+    @property
+    def _cfg_scale(self) -> float:
+        """The classifier-free guidance weight the denoiser applies; FLUX's is true_cfg_scale, its guidance_scale
+        being an input of the transformer."""
+        return self.guidance_scale
+
+    def _tree_fields(self) -> dict:
+        """What else a tree was built for, beyond `TREE_FIELDS`, that `tree=` must match (FLUX: true_cfg_scale)."""
+        return {}
+
     def _embedding_width(self) -> tuple[int, str]:
         """The width prompt embeddings must have, and what sets it (for the error message)."""
         return self.unet.config.cross_attention_dim, "the UNet's cross_attention_dim"
@@ -348,7 +359,7 @@ class TreeSearchMixin:
             if not guided:
                 return output
             uncond, text = output.chunk(2)
-            output = uncond + self.guidance_scale * (text - uncond)
+            output = uncond + self._cfg_scale * (text - uncond)
             rescale = getattr(self, "guidance_rescale", 0.0)  # SD / SDXL only; SD3 has no guidance_rescale
             if rescale > 0:
                 output = rescale_noise_cfg(output, text, guidance_rescale=rescale)
@@ -444,7 +455,7 @@ class TreeSearchMixin:
             "guidance_scale": self.guidance_scale,
             "height": height, "width": width, "latent_shape": tuple(latent_shape),
             "scheduler": type(scheduler).__name__, "num_inference_steps": num_inference_steps, "eta": eta,
-            "lam": options.lam, "rollout_batch_size": options.rollout_batch_size,
+            "lam": options.lam, "rollout_batch_size": options.rollout_batch_size, **self._tree_fields(),
         }  # fmt: skip
         if tree is not None:
             for index, (sampler, prompt) in enumerate(zip(tree, prompts, strict=True)):
