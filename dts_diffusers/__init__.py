@@ -19,6 +19,7 @@ _LAZY = {
     "DTSPipeline": "dts_diffusers.pipelines",
     "DTSXLPipeline": "dts_diffusers.pipelines",
     "DTSSD3Pipeline": "dts_diffusers.pipelines",
+    "DTSFluxPipeline": "dts_diffusers.pipelines",
     "DTSPipelineOutput": "dts_diffusers.pipelines",
     "load_reward": "dts_diffusers.rewards",
     "as_reward": "dts_diffusers.rewards",

@@ -34,6 +34,7 @@ class RunDefaults:
 STABLE_DIFFUSION = RunDefaults(steps=50, guidance_scale=7.5, branch_every=10, rollouts=16, num_images=4)
 STABLE_DIFFUSION_XL = replace(STABLE_DIFFUSION, guidance_scale=5.0)  # diffusers' SDXL default
 STABLE_DIFFUSION_3 = replace(STABLE_DIFFUSION, steps=28, guidance_scale=7.0)  # diffusers' SD3 defaults
+FLUX = replace(STABLE_DIFFUSION, steps=28, guidance_scale=3.5)  # FluxPipeline's (FLUX.1-dev's) defaults
 
 
 def model_defaults(folder: str | Path | None, family: RunDefaults = STABLE_DIFFUSION) -> RunDefaults:
