@@ -32,6 +32,13 @@ from dts_diffusers.defaults import BUNDLED_MODEL_DIR, STABLE_DIFFUSION, RunDefau
 
 BUNDLED = model_defaults(BUNDLED_MODEL_DIR)  # the bundled model's own, from its dts_defaults.json
 ANY_MODEL = STABLE_DIFFUSION
+# model_index.json's _class_name -> the DTS pipeline that loads the folder (and whose _run_family gives its defaults)
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "DTSPipeline",
+    "StableDiffusionXLPipeline": "DTSXLPipeline",
+    "StableDiffusion3Pipeline": "DTSSD3Pipeline",
+    "FluxPipeline": "DTSFluxPipeline",
+}
 DIGIT_REWARD = "digit-classifier"
 DTYPES = ("float32", "float16", "bfloat16")
 # a later run(b) continues the same sampler exactly
@@ -346,21 +353,53 @@ def resolve_dtype(dtype: str | None, device):
     return getattr(torch, dtype)
 
 
+def dts_pipeline_class(class_name: str | None, model: str):
+    """The DTS pipeline for a model_index.json `_class_name` (`PIPELINE_CLASSES`)."""
+    import dts_diffusers
+
+    if class_name not in PIPELINE_CLASSES:
+        supported = ", ".join(f"{name} ({dts})" for name, dts in PIPELINE_CLASSES.items())
+        raise CLIError(
+            f"--model {model}: its model_index.json names {class_name or 'no _class_name'}, which no DTS pipeline "
+            f"loads; the dts command runs {supported}"
+        )
+    return getattr(dts_diffusers, PIPELINE_CLASSES[class_name])
+
+
 def pipeline_class_for(model: str, local_files_only: bool = False):
-    """DTSXLPipeline when the model_index names an SDXL pipeline, DTSPipeline otherwise."""
+    """The DTS pipeline for the pipeline class a folder or hub id's model_index.json names."""
     from diffusers import DiffusionPipeline
 
-    from dts_diffusers import DTSPipeline, DTSXLPipeline
-
     config = DiffusionPipeline.load_config(model, local_files_only=local_files_only)
-    return DTSXLPipeline if "XL" in config.get("_class_name", "") else DTSPipeline
+    return dts_pipeline_class(config.get("_class_name"), model)
+
+
+def local_model_index(model: str) -> Path | None:
+    """model_index.json of a local folder or of a hub snapshot already in the cache, found without asking the Hub
+    (a hub id not downloaded yet, or a folder that does not exist, which `resolve_model` reports: None)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    if looks_like_path(model):
+        path = Path(model).expanduser() / "model_index.json"
+        return path if path.is_file() else None
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except HFValidationError:  # not a hub id either: check_source says so
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
-    """Load a folder or hub id from `resolve_model` as DTSPipeline / DTSXLPipeline."""
+    """Load a folder or hub id from `resolve_model` with the DTS pipeline of its model_index.json.
+
+    Components the folder was saved without (model_index.json's [null, null], e.g. SD 3 without its T5 encoder) are
+    passed as None, which diffusers' from_pretrained needs to be told for a component that is not optional."""
     try:
         pipeline_class = pipeline_class_for(model, local_files_only)
-        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only)
+        config = pipeline_class.load_config(model, local_files_only=local_files_only)
+        absent = {name: None for name, value in config.items() if not name.startswith("_") and value == [None, None]}
+        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only, **absent)
     except (OSError, ValueError) as error:
         raise CLIError(f"--model {model}: could not load it as a diffusers pipeline ({error})") from error
     pipe.set_progress_bar_config(disable=True)  # the CLI draws one bar over the whole run instead
@@ -375,7 +414,21 @@ def is_bundled(args: argparse.Namespace) -> bool:
 
 
 def defaults_for(args: argparse.Namespace) -> RunDefaults:
-    return BUNDLED if is_bundled(args) else ANY_MODEL
+    """The bundled model's; else the family of the pipeline its model_index.json names (SD, SDXL, SD3, FLUX) with a
+    folder's dts_defaults.json, as the pipelines fill them. A hub id not downloaded yet gets Stable Diffusion's."""
+    if is_bundled(args):
+        return BUNDLED
+    index = local_model_index(args.model)
+    if index is None:
+        return ANY_MODEL
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as error:
+        raise CLIError(f"--model {args.model}: {index} is not a readable JSON file ({error})") from error
+    try:
+        return model_defaults(index.parent, dts_pipeline_class(class_name, args.model)._run_family)
+    except ValueError as error:  # a broken dts_defaults.json
+        raise CLIError(f"--model {args.model}: {error}") from error
 
 
 def reward_name(args: argparse.Namespace) -> str:

@@ -7,6 +7,7 @@ default run (no --model) uses the bundled digits model, as a new user's first co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -19,6 +20,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from test_pipeline import tiny_tokenizer
+from test_pipeline_flux import tiny_flux
+from test_pipeline_sd3 import tiny_sd3
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from dts_diffusers import cli
@@ -401,6 +404,78 @@ def test_sdxl_model_index_selects_the_xl_pipeline(tmp_path, model):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     assert cli.pipeline_class_for(str(tmp_path)) is DTSXLPipeline
     assert cli.pipeline_class_for(model) is DTSPipeline
+
+
+FAMILIES = [
+    ("StableDiffusionPipeline", "DTSPipeline", "STABLE_DIFFUSION"),
+    ("StableDiffusionXLPipeline", "DTSXLPipeline", "STABLE_DIFFUSION_XL"),
+    ("StableDiffusion3Pipeline", "DTSSD3Pipeline", "STABLE_DIFFUSION_3"),
+    ("FluxPipeline", "DTSFluxPipeline", "FLUX"),
+]
+
+
+@pytest.mark.parametrize(("class_name", "pipeline", "family"), FAMILIES)
+def test_model_index_picks_the_pipeline_and_its_run_defaults(tmp_path, class_name, pipeline, family):
+    import dts_diffusers
+    from dts_diffusers import defaults
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    assert cli.pipeline_class_for(str(tmp_path)) is getattr(dts_diffusers, pipeline)
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", str(tmp_path)])
+    assert cli.defaults_for(args) == getattr(defaults, family)
+    (tmp_path / defaults.DEFAULTS_FILE).write_text(json.dumps({"steps": 3, "why": "a test"}))
+    assert cli.defaults_for(args) == dataclasses.replace(getattr(defaults, family), steps=3)  # the folder's own
+
+
+def test_an_unknown_pipeline_class_names_the_supported_ones_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_pipeline", never_called)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(cli.CLIError, match="names KandinskyPipeline, which no DTS pipeline loads"):
+        cli.pipeline_class_for(str(tmp_path))
+    arguments = ["generate", "--out", str(tmp_path / "run"), "--model", str(tmp_path), *JPEG]
+    assert cli.main(arguments) == 2
+    error = capsys.readouterr().err
+    assert all(f"{name} ({pipeline})" in error for name, pipeline, _ in FAMILIES)
+
+
+def test_a_hub_id_not_downloaded_yet_gets_stable_diffusions_defaults(no_hub):
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", "owner/flux-model"])
+    assert cli.defaults_for(args) == cli.ANY_MODEL  # nothing asked of the Hub: no_hub fails any request
+
+
+@pytest.fixture(scope="module")
+def sd3_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_sd3().save_pretrained(path)  # without its T5 encoder: model_index.json says [null, null]
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def flux_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-flux")
+    tiny_flux(vae_blocks=2).save_pretrained(path)  # FLUX's default 128x128 latents decode to 256x256, not 1024x1024
+    (path / "dts_defaults.json").write_text(json.dumps({"steps": 4, "why": "a tiny model: short rollouts"}))
+    return str(path)
+
+
+def test_generate_on_a_tiny_sd3_folder_uses_sd3s_defaults(tmp_path, sd3_model):
+    out = tmp_path / "sd3"
+    arguments = ["--nfe-budget", "56", "--num-images", "2", "--checkpoints", "1", "--device", "cpu", *JPEG]
+    assert cli.main(["generate", "--out", str(out), "--model", sd3_model, *arguments]) == 0
+    record = check_record(out, budget=56, num_images=2)
+    assert (record["settings"]["steps"], record["settings"]["guidance_scale"]) == (28, 7.0)  # SD 3's, not SD's
+    assert record["unet_evals"] == 2 * record["nfe_this_run"]  # classifier-free guidance: 2 transformer rows per NFE
+    assert Image.open(out / record["images"][0]).size == (16, 16)
+
+
+def test_generate_on_a_tiny_flux_folder_uses_fluxs_and_the_folders_defaults(tmp_path, flux_model):
+    out = tmp_path / "flux"
+    arguments = ["--nfe-budget", "8", "--num-images", "2", "--checkpoints", "1", "--device", "cpu", *JPEG]
+    assert cli.main(["generate", "--out", str(out), "--model", flux_model, *arguments]) == 0
+    record = check_record(out, budget=8, num_images=2)
+    assert (record["settings"]["steps"], record["settings"]["guidance_scale"]) == (4, 3.5)  # the folder's, FLUX's
+    assert record["unet_evals"] == record["nfe_this_run"]  # guidance is the transformer's input: 1 row per NFE
+    assert Image.open(out / record["images"][0]).size == (256, 256)
 
 
 # -------------------------------------------------------------------------------------------------------------------
