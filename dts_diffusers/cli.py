@@ -96,8 +96,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="a diffusers SD/SDXL folder or hub id; a value starting with ./, /, ~ or naming something on disk is a "
-        "folder (default: the bundled tiny digits model, offline)",
+        help="a diffusers Stable Diffusion, SDXL, SD 3 or FLUX.1 folder or hub id; a value starting with ./, /, ~ or "
+        "naming something on disk is a folder (default: the bundled tiny digits model, offline)",
     )
     parser.add_argument(
         "--reward", default=None, help=f"registered reward name (default: {b.reward} with the bundled model)"
@@ -157,14 +157,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps",
         type=int,
         default=None,
-        help=f"denoising steps per rollout (default: {b.steps} with the bundled model, {m.steps} with --model)",
+        help=f"denoising steps per rollout (default: {b.steps} with the bundled model; with --model the model "
+        f"family's, e.g. {m.steps} for Stable Diffusion, or its folder's dts_defaults.json)",
     )
     parser.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
-        help=f"classifier-free guidance scale (default: {b.guidance_scale:g} with the bundled model, "
-        f"{m.guidance_scale:g} with --model)",
+        help=f"classifier-free guidance scale (default: {b.guidance_scale:g} with the bundled model; with --model "
+        f"the model family's, e.g. {m.guidance_scale:g} for Stable Diffusion)",
     )
     parser.add_argument(
         "--branch-every",

@@ -236,7 +236,9 @@ def test_help_shows_every_default(capsys, command):
     for block in options:
         if not block.startswith("-h"):
             assert "(default" in block or "(required)" in block, block
-    assert "(default: 20 with the bundled model, 50 with --model)" in " ".join(text.split())
+    assert "(default: 20 with the bundled model; with --model the model family's, e.g. 50 for Stable Diffusion" in (
+        " ".join(text.split())
+    )
 
 
 @pytest.mark.parametrize(
