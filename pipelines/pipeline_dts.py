@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -11,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 from dts_diffusers.options import TreeOptions
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
+from .tree_search import TreeSearchMixin
 
 
 class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
@@ -115,16 +114,11 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        reward = resolve_reward(reward, device)
-        timer = PhaseTimer(device)
-        counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
-        call_start = time.perf_counter()
         latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        runs = self._prepare_trees(
-            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
-            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
-            timer=timer, counts=counts,
+        call = self._begin_trees(
+            options, tensor_inputs, reward=reward, prompt=prompt, reward_prompt=reward_prompt, batch=batch,
+            latent_shape=latent_shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, vae_batch_size=vae_batch_size,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
@@ -139,7 +133,7 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
             timestep_cond = self.get_guidance_scale_embedding(
                 torch.tensor([guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=prompt_embeds.dtype)
-        for i, run in enumerate(runs):
+        for i, run in enumerate(call.runs):
             run.conditioning.update(
                 encoder_hidden_states=torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
                 if self.do_classifier_free_guidance
@@ -150,32 +144,23 @@ class DTSPipeline(TreeSearchMixin, StableDiffusionPipeline):
         # 2. grow one tree per prompt and draw the images from it
         with self._vae_precision():
             latents, rewards, trees, interrupted = self._grow_trees(
-                runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-                num_images_per_prompt=num_images_per_prompt, options=options,
-                callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
-            )  # fmt: skip
+                call,
+                nfe_budget=nfe_budget,
+                num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt,
+                callback_on_step_end=callback_on_step_end,
+            )
 
             # 3. decode, check, postprocess as StableDiffusionPipeline does
             has_nsfw_concept = None
             if output_type == "latent":
                 images = latents
             else:
-                images = self._decode_latents(latents, vae_batch_size, timer)
+                images = self._decode_latents(latents, vae_batch_size, call.timer)
                 images, has_nsfw_concept = self.run_safety_checker(images, device, prompt_embeds.dtype)
                 denormalize = [True] * len(images) if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
                 images = self.image_processor.postprocess(images, output_type=output_type, do_denormalize=denormalize)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, has_nsfw_concept
-        return DTSPipelineOutput(
-            images=images,
-            rewards=rewards,
-            nfe=counts["nfe"],
-            unet_evals=counts["unet_evals"],
-            reward_calls=counts["reward_calls"],
-            timings={**timer.seconds, "total": time.perf_counter() - call_start},
-            trees=trees,
-            distinct_samples=distinct_samples(trees),
-            nsfw_content_detected=has_nsfw_concept,
-            interrupted=interrupted,
-        )
+        return self._tree_output(call, images, rewards, trees, interrupted, nsfw_content_detected=has_nsfw_concept)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -16,8 +15,7 @@ from dts_diffusers.options import TreeOptions, check_integer, check_real
 from dts_diffusers.schedulers import FlowTransition
 
 from .output import DTSPipelineOutput
-from .pipeline_dts_sd3 import DTSSD3Pipeline
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
+from .tree_search import FlowMatchingMixin
 
 NEGATIVE_IP_ADAPTER = "IP-Adapter is not supported by the DTS pipelines"
 
@@ -37,7 +35,7 @@ class FluxFlowTransition(FlowTransition):
         self.sigmas, self.timesteps = [float(sigma) for sigma in scheduler.sigmas], scheduler.timesteps
 
 
-class DTSFluxPipeline(TreeSearchMixin, FluxPipeline):
+class DTSFluxPipeline(FlowMatchingMixin, FluxPipeline):
     """`FluxPipeline` that steers generation toward a reward with Diffusion Tree Sampling / Search.
 
     Loading, devices, offloading, LoRA and component swapping are the parent's. A call grows one tree per prompt with
@@ -52,9 +50,6 @@ class DTSFluxPipeline(TreeSearchMixin, FluxPipeline):
         "negative_ip_adapter_image": NEGATIVE_IP_ADAPTER,
         "negative_ip_adapter_image_embeds": NEGATIVE_IP_ADAPTER,
     }
-    _attention_kwargs_name = "joint_attention_kwargs"
-    _eta_fix = DTSSD3Pipeline._eta_fix
-    _tree_scheduler = DTSSD3Pipeline._tree_scheduler  # a flow-matching scheduler, whose sigmas the tree takes
     _do_true_cfg = False  # set by each call
     _true_cfg_scale = 1.0
 
@@ -139,17 +134,12 @@ class DTSFluxPipeline(TreeSearchMixin, FluxPipeline):
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        reward = resolve_reward(reward, device)
-        timer = PhaseTimer(device)
-        counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
-        call_start = time.perf_counter()
         factor = self.vae_scale_factor
         latent_shape = (self.transformer.config.in_channels // 4, height // factor, width // factor)
-        runs = self._prepare_trees(
-            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
-            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
-            timer=timer, counts=counts,
+        call = self._begin_trees(
+            options, tensor_inputs, reward=reward, prompt=prompt, reward_prompt=reward_prompt, batch=batch,
+            latent_shape=latent_shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, vae_batch_size=vae_batch_size,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [negative, prompt] with true classifier-free guidance
@@ -166,42 +156,25 @@ class DTSFluxPipeline(TreeSearchMixin, FluxPipeline):
             )  # fmt: skip
             check_negative_shapes(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
                                   negative_pooled_prompt_embeds)  # fmt: skip
-        for i, run in enumerate(runs):
-            if self._do_true_cfg:
-                hidden = torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
-                pooled = torch.stack([negative_pooled_prompt_embeds[i], pooled_prompt_embeds[i]])
-            else:
-                hidden, pooled = prompt_embeds[i : i + 1], pooled_prompt_embeds[i : i + 1]
-            run.conditioning.update(encoder_hidden_states=hidden.to(device), pooled_projections=pooled.to(device))
+        self._set_joint_conditioning(
+            call, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+        )
 
         # 2. grow one tree per prompt and draw the images from it
         latents, rewards, trees, interrupted = self._grow_trees(
-            runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-            num_images_per_prompt=num_images_per_prompt, options=options,
-            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
-        )  # fmt: skip
+            call,
+            nfe_budget=nfe_budget,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            callback_on_step_end=callback_on_step_end,
+        )
 
         # 3. decode and postprocess as FluxPipeline does
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.image_processor.postprocess(
-                self._decode_latents(latents, vae_batch_size, timer), output_type=output_type
-            )
+        images = self._postprocess(call, latents, output_type, vae_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return DTSPipelineOutput(
-            images=images,
-            rewards=rewards,
-            nfe=counts["nfe"],
-            unet_evals=counts["unet_evals"],
-            reward_calls=counts["reward_calls"],
-            timings={**timer.seconds, "total": time.perf_counter() - call_start},
-            trees=trees,
-            distinct_samples=distinct_samples(trees),
-            interrupted=interrupted,
-        )
+        return self._tree_output(call, images, rewards, trees, interrupted)
 
     @property
     def do_classifier_free_guidance(self) -> bool:

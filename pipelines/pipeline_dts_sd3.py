@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -12,15 +11,15 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 
 from dts_diffusers.defaults import STABLE_DIFFUSION_3
 from dts_diffusers.options import TreeOptions
-from dts_diffusers.schedulers import FLOW_SCHEDULERS, FlowTransition, is_flow_scheduler
+from dts_diffusers.schedulers import FlowTransition
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
+from .tree_search import FlowMatchingMixin
 
 SKIP_LAYER_GUIDANCE = "skip-layer guidance adds transformer passes outside the NFE accounting and is not supported"
 
 
-class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
+class DTSSD3Pipeline(FlowMatchingMixin, StableDiffusion3Pipeline):
     """`StableDiffusion3Pipeline` that steers generation toward a reward with Diffusion Tree Sampling / Search.
 
     Loading, devices, offloading and component swapping are the parent's. A call grows one tree per prompt with
@@ -38,8 +37,6 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         "skip_layer_guidance_stop": SKIP_LAYER_GUIDANCE,
         "mu": "the schedule's shift comes from the scheduler config and the image size, as in the parent pipeline",
     }
-    _attention_kwargs_name = "joint_attention_kwargs"
-    _eta_fix = "the flow step's noise level in (0, 1] (default 1); eta=0 is the ODE step, whose children are identical"
 
     @torch.no_grad()
     def __call__(
@@ -116,17 +113,12 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
         device = self._execution_device
-        reward = resolve_reward(reward, device)
-        timer = PhaseTimer(device)
-        counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
-        call_start = time.perf_counter()
         factor = self.vae_scale_factor
         latent_shape = (self.transformer.config.in_channels, height // factor, width // factor)
-        runs = self._prepare_trees(
-            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
-            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
-            timer=timer, counts=counts,
+        call = self._begin_trees(
+            options, tensor_inputs, reward=reward, prompt=prompt, reward_prompt=reward_prompt, batch=batch,
+            latent_shape=latent_shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, vae_batch_size=vae_batch_size,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
@@ -139,55 +131,28 @@ class DTSSD3Pipeline(TreeSearchMixin, StableDiffusion3Pipeline):
             num_images_per_prompt=1, max_sequence_length=max_sequence_length,
             lora_scale=(joint_attention_kwargs or {}).get("scale"),
         )  # fmt: skip
-        for i, run in enumerate(runs):
-            if self.do_classifier_free_guidance:
-                hidden = torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
-                pooled = torch.stack([negative_pooled_prompt_embeds[i], pooled_prompt_embeds[i]])
-            else:
-                hidden, pooled = prompt_embeds[i : i + 1], pooled_prompt_embeds[i : i + 1]
-            run.conditioning.update(encoder_hidden_states=hidden.to(device), pooled_projections=pooled.to(device))
+        self._set_joint_conditioning(
+            call, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds
+        )
 
         # 2. grow one tree per prompt and draw the images from it
         latents, rewards, trees, interrupted = self._grow_trees(
-            runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-            num_images_per_prompt=num_images_per_prompt, options=options,
-            callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
-        )  # fmt: skip
+            call,
+            nfe_budget=nfe_budget,
+            num_inference_steps=num_inference_steps,
+            num_images_per_prompt=num_images_per_prompt,
+            callback_on_step_end=callback_on_step_end,
+        )
 
         # 3. decode and postprocess as StableDiffusion3Pipeline does
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.image_processor.postprocess(
-                self._decode_latents(latents, vae_batch_size, timer), output_type=output_type
-            )
+        images = self._postprocess(call, latents, output_type, vae_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return DTSPipelineOutput(
-            images=images,
-            rewards=rewards,
-            nfe=counts["nfe"],
-            unet_evals=counts["unet_evals"],
-            reward_calls=counts["reward_calls"],
-            timings={**timer.seconds, "total": time.perf_counter() - call_start},
-            trees=trees,
-            distinct_samples=distinct_samples(trees),
-            interrupted=interrupted,
-        )
+        return self._tree_output(call, images, rewards, trees, interrupted)
 
     def _embedding_width(self) -> tuple[int, str]:
         return self.transformer.config.joint_attention_dim, "the transformer's joint_attention_dim"
-
-    def _tree_scheduler(self):
-        """The pipeline's flow-matching scheduler; the tree takes only its sigmas, never its (deterministic) step."""
-        if not is_flow_scheduler(self.scheduler):
-            raise ValueError(
-                f"{type(self).__name__} steps between the sigmas of a flow-matching scheduler "
-                f"({', '.join(FLOW_SCHEDULERS)}), not {type(self.scheduler).__name__}; set "
-                "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`"
-            )
-        return self.scheduler
 
     def _transition(
         self, scheduler, denoise: Callable, num_inference_steps: int, eta: float, latent_shape: tuple[int, ...]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from dts_diffusers.defaults import STABLE_DIFFUSION_XL
 from dts_diffusers.options import TreeOptions
 
 from .output import DTSPipelineOutput
-from .tree_search import PhaseTimer, TreeSearchMixin, distinct_samples, resolve_reward, reward_prompts
+from .tree_search import TreeSearchMixin
 
 
 class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
@@ -106,16 +105,11 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         self._denoising_end = None
         self._interrupt = False
         device = self._execution_device
-        reward = resolve_reward(reward, device)
-        timer = PhaseTimer(device)
-        counts = {"nfe": 0, "unet_evals": 0, "reward_calls": 0}
-        call_start = time.perf_counter()
         latent_shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        runs = self._prepare_trees(
-            prompts=reward_prompts(reward, prompt, reward_prompt, batch), reward=reward, latent_shape=latent_shape,
-            num_inference_steps=num_inference_steps, eta=eta, generator=generator,
-            num_images_per_prompt=num_images_per_prompt, tree=tree, options=options, vae_batch_size=vae_batch_size,
-            timer=timer, counts=counts,
+        call = self._begin_trees(
+            options, tensor_inputs, reward=reward, prompt=prompt, reward_prompt=reward_prompt, batch=batch,
+            latent_shape=latent_shape, num_inference_steps=num_inference_steps, eta=eta, generator=generator,
+            num_images_per_prompt=num_images_per_prompt, tree=tree, vae_batch_size=vae_batch_size,
         )  # fmt: skip
 
         # 1. one conditioning per prompt: [uncond, cond] with classifier-free guidance
@@ -147,7 +141,7 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
             timestep_cond = self.get_guidance_scale_embedding(
                 torch.tensor([guidance_scale - 1]), embedding_dim=self.unet.config.time_cond_proj_dim
             ).to(device=device, dtype=prompt_embeds.dtype)
-        for i, run in enumerate(runs):
+        for i, run in enumerate(call.runs):
             if self.do_classifier_free_guidance:
                 hidden = torch.stack([negative_prompt_embeds[i], prompt_embeds[i]])
                 text_embeds = torch.stack([negative_pooled_prompt_embeds[i], pooled_prompt_embeds[i]])
@@ -163,30 +157,22 @@ class DTSXLPipeline(TreeSearchMixin, StableDiffusionXLPipeline):
         # 2. grow one tree per prompt and draw the images from it
         with self._vae_precision():
             latents, rewards, trees, interrupted = self._grow_trees(
-                runs, nfe_budget=nfe_budget, num_inference_steps=num_inference_steps,
-                num_images_per_prompt=num_images_per_prompt, options=options,
-                callback_on_step_end=callback_on_step_end, tensor_inputs=tensor_inputs, timer=timer, counts=counts,
-            )  # fmt: skip
+                call,
+                nfe_budget=nfe_budget,
+                num_inference_steps=num_inference_steps,
+                num_images_per_prompt=num_images_per_prompt,
+                callback_on_step_end=callback_on_step_end,
+            )
 
             # 3. decode, watermark, postprocess as StableDiffusionXLPipeline does
             if output_type == "latent":
                 images = latents
             else:
-                images = self._decode_latents(latents, vae_batch_size, timer)
+                images = self._decode_latents(latents, vae_batch_size, call.timer)
                 if self.watermark is not None:
                     images = self.watermark.apply_watermark(images)
                 images = self.image_processor.postprocess(images, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
-        return DTSPipelineOutput(
-            images=images,
-            rewards=rewards,
-            nfe=counts["nfe"],
-            unet_evals=counts["unet_evals"],
-            reward_calls=counts["reward_calls"],
-            timings={**timer.seconds, "total": time.perf_counter() - call_start},
-            trees=trees,
-            distinct_samples=distinct_samples(trees),
-            interrupted=interrupted,
-        )
+        return self._tree_output(call, images, rewards, trees, interrupted)

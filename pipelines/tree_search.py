@@ -7,7 +7,6 @@ which grows one tree per prompt with the engine and draws the images from it.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +23,17 @@ from dts_diffusers.methods import build_sampler
 from dts_diffusers.options import TreeOptions, check_integer, check_real
 from dts_diffusers.particles import NOT_DIFFERENTIABLE
 from dts_diffusers.rewards import Reward, as_reward, reward_names
-from dts_diffusers.schedulers import STOCHASTIC_SCHEDULERS, FlowTransition, SchedulerTransition, stochastic_kind
+from dts_diffusers.schedulers import (
+    FLOW_SCHEDULERS,
+    STOCHASTIC_SCHEDULERS,
+    FlowTransition,
+    SchedulerTransition,
+    is_flow_scheduler,
+    stochastic_kind,
+)
+
+from .output import DTSPipelineOutput
+from .timing import PhaseTimer
 
 logger = logging.get_logger(__name__)
 
@@ -166,24 +175,16 @@ class TreeRun:
     conditioning: dict = field(default_factory=dict)
 
 
-class PhaseTimer:
-    """Wall time per phase; synchronises CUDA so asynchronous kernels are charged to the phase that launched them."""
+@dataclass
+class TreeCall:
+    """One pipeline call: its checked tree options, one run per prompt, and what it spends (time per phase, counts)."""
 
-    def __init__(self, device: torch.device):
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.cuda = device.type == "cuda"
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[phase] += time.perf_counter() - start
+    options: TreeOptions
+    tensor_inputs: list[str]
+    timer: PhaseTimer
+    runs: list[TreeRun] = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: {"nfe": 0, "unet_evals": 0, "reward_calls": 0})
+    start: float = field(default_factory=time.perf_counter)
 
 
 class TreeSearchMixin:
@@ -420,6 +421,41 @@ class TreeSearchMixin:
 
         return score
 
+    def _begin_trees(
+        self,
+        options: TreeOptions,
+        tensor_inputs: list[str],
+        *,
+        reward,
+        prompt,
+        reward_prompt,
+        batch: int,
+        **prepare,
+    ) -> TreeCall:
+        """Resolve the reward and build (or rebind) every prompt's tree, before any model runs."""
+        call = TreeCall(options, tensor_inputs, PhaseTimer(self._execution_device))
+        reward = resolve_reward(reward, self._execution_device)
+        prompts = reward_prompts(reward, prompt, reward_prompt, batch)
+        call.runs = self._prepare_trees(
+            prompts=prompts, reward=reward, options=options, timer=call.timer, counts=call.counts, **prepare
+        )
+        return call
+
+    def _tree_output(self, call: TreeCall, images, rewards, trees, interrupted, **extra) -> DTSPipelineOutput:
+        """The call's output: images, rewards, what was spent, the trees (`extra`: the parent's other fields)."""
+        return DTSPipelineOutput(
+            images=images,
+            rewards=rewards,
+            nfe=call.counts["nfe"],
+            unet_evals=call.counts["unet_evals"],
+            reward_calls=call.counts["reward_calls"],
+            timings={**call.timer.seconds, "total": time.perf_counter() - call.start},
+            trees=trees,
+            distinct_samples=distinct_samples(trees),
+            interrupted=interrupted,
+            **extra,
+        )
+
     def _prepare_trees(
         self,
         *,
@@ -502,16 +538,12 @@ class TreeSearchMixin:
 
     def _grow_trees(
         self,
-        runs: list[TreeRun],
+        call: TreeCall,
         *,
         nfe_budget: int | None,
         num_inference_steps: int,
         num_images_per_prompt: int,
-        options: TreeOptions,
         callback_on_step_end,
-        tensor_inputs: list[str],
-        timer: PhaseTimer,
-        counts: dict,
     ) -> tuple[torch.Tensor, torch.Tensor, list, list[bool]]:
         """Grow each prompt's tree by `nfe_budget` NFE, then draw `num_images_per_prompt` from each.
 
@@ -519,7 +551,8 @@ class TreeSearchMixin:
         `self._interrupt`. Every prompt keeps its tree; one that holds no sample yet (the interrupt came before it
         started) contributes no images, so the images are those of the leading prompts whose trees hold samples.
         """
-        nfe_budget = int(nfe_budget or options.rollout_batch_size * num_inference_steps)
+        runs = call.runs
+        nfe_budget = int(nfe_budget or call.options.rollout_batch_size * num_inference_steps)
         num_images_per_prompt = int(num_images_per_prompt)
         interrupted = [False] * len(runs)
         step = 0
@@ -537,16 +570,16 @@ class TreeSearchMixin:
                     progress.update(sampler.nfe - seen)
                     seen = sampler.nfe
                     if callback_on_step_end is not None:
-                        tensors = {"latents": sampler.best()[0]} if tensor_inputs else {}
+                        tensors = {"latents": sampler.best()[0]} if call.tensor_inputs else {}
                         check_callback_return(callback_on_step_end(self, step, sampler.nfe, tensors), tensors)
                     step += 1
                     return self.interrupt
 
                 sampler.run(nfe_budget, callback=after_batch)
                 after = sampler.timings.as_dict()
-                timer.seconds["engine"] += after["bookkeeping"] - before["bookkeeping"]
-                timer.seconds["denoise"] += after["transition"] - before["transition"]
-                counts["nfe"] += sampler.nfe - start_nfe
+                call.timer.add("engine", after["bookkeeping"] - before["bookkeeping"])
+                call.timer.add("denoise", after["transition"] - before["transition"])
+                call.counts["nfe"] += sampler.nfe - start_nfe
                 if self.interrupt:
                     interrupted[index] = True
                 else:  # a budget that is not a multiple of the rollout cost leaves a remainder: the bar ends at 100 %
@@ -557,3 +590,39 @@ class TreeSearchMixin:
         latents = torch.cat([x0 for x0, _ in drawn])
         rewards = torch.cat([r for _, r in drawn]).float()
         return latents, rewards, samplers, interrupted
+
+
+class FlowMatchingMixin(TreeSearchMixin):
+    """What the flow-matching transformer pipelines (SD 3, FLUX) share: the tree steps between a flow scheduler's
+    sigmas, one joint conditioning (token and pooled embeddings) per prompt, and a plain decode and postprocess."""
+
+    _attention_kwargs_name = "joint_attention_kwargs"
+    _eta_fix = "the flow step's noise level in (0, 1] (default 1); eta=0 is the ODE step, whose children are identical"
+
+    def _tree_scheduler(self):
+        """The pipeline's flow-matching scheduler; the tree takes only its sigmas, never its (deterministic) step."""
+        if not is_flow_scheduler(self.scheduler):
+            raise ValueError(
+                f"{type(self).__name__} steps between the sigmas of a flow-matching scheduler "
+                f"({', '.join(FLOW_SCHEDULERS)}), not {type(self.scheduler).__name__}; set "
+                "`pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`"
+            )
+        return self.scheduler
+
+    def _set_joint_conditioning(self, call: TreeCall, embeds, pooled, negative_embeds, negative_pooled) -> None:
+        """Each prompt's token and pooled embeddings, [negative, prompt] rows when guidance is classifier-free."""
+        device = self._execution_device
+        for i, run in enumerate(call.runs):
+            if self.do_classifier_free_guidance:
+                hidden = torch.stack([negative_embeds[i], embeds[i]])
+                pooled_rows = torch.stack([negative_pooled[i], pooled[i]])
+            else:
+                hidden, pooled_rows = embeds[i : i + 1], pooled[i : i + 1]
+            run.conditioning.update(encoder_hidden_states=hidden.to(device), pooled_projections=pooled_rows.to(device))
+
+    def _postprocess(self, call: TreeCall, latents: torch.Tensor, output_type: str, vae_batch_size: int):
+        """Decode and postprocess as the parent does (no safety checker), or the latents for output_type="latent"."""
+        if output_type == "latent":
+            return latents
+        images = self._decode_latents(latents, vae_batch_size, call.timer)
+        return self.image_processor.postprocess(images, output_type=output_type)

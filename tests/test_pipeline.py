@@ -22,7 +22,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
-from dts_diffusers.pipelines.tree_search import PhaseTimer
+from dts_diffusers.pipelines.timing import PhaseTimer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from dts_diffusers import DTS, DTSPipeline, DTSPipelineOutput, DTSXLPipeline
