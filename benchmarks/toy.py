@@ -295,12 +295,14 @@ def targets_reached(entry: dict) -> list[dict]:
     key = entry["distance"]
     largest = str(entry["budgets"][-1])
     summary = entry["summary"][key]
-    baseline = min((m for m in BASELINES if m in summary), key=lambda m: summary[m][largest]["median"])
+    run = [m for m in BASELINES if m in summary]  # a design experiment (--sampler) may run no baseline
+    baseline = min(run, key=lambda m: summary[m][largest]["median"]) if run else None
     return [
         {"name": "2× the noise floor", **reaching(entry, key, 2 * entry["noise_floor"][key])},
-        {"name": f"{baseline}'s at NFE {largest}", **reaching(entry, key, summary[baseline][largest]["median"])},
+        *([{"name": f"{baseline}'s at NFE {largest}", **reaching(entry, key, summary[baseline][largest]["median"])}]
+          if baseline else []),
         *({"name": "fixed", **reaching(entry, key, t)} for t in FIXED_TARGETS[key]),
-    ]
+    ]  # fmt: skip
 
 
 def search_reaching(entry: dict) -> dict:
