@@ -22,11 +22,12 @@ reward path, not a reward model. Phase times come from the pipeline's PhaseTimer
 `pipelines.timing.PhaseTimer` charges each GPU phase its CUDA-event time, while `engine` and `denoise` are host wall
 times, so on a GPU the shares need not sum to one.
 
-The noise section times `noise.randn_rows` (Philox on the device) against the per-row path it replaced (one CPU
-`torch.randn` per row, stacked, copied from pageable memory) at the model's latent shape, at batch and twice it: the
-host time until the call returns, the time until the noise is complete, and on CUDA the host time when the GPU still
-has work queued (the old copy waits for it); plus whether the draw and the timer run under
-`torch.cuda.set_sync_debug_mode("error")`, and the largest CPU / GPU difference of the same rows' noise.
+The noise section times `noise.randn_rows` (on CUDA: Philox on the device; on the CPU it is the per-row path)
+against the per-row path it replaced on accelerators (one CPU `torch.randn` per row, stacked, copied from pageable
+memory) at the model's latent shape, at batch and twice it: the host time until the call returns, the time until the
+noise is complete, and on CUDA the host time when the GPU still has work queued (the old copy waits for it); plus
+whether the draw and the timer run under `torch.cuda.set_sync_debug_mode("error")`, and the largest difference
+between the Philox noise computed on the GPU and on the CPU for the same rows.
 
     python benchmarks/pipeline_speed.py --smoke                      # CPU, every tiny family, seconds
     python benchmarks/pipeline_speed.py --config tiny                # CPU, the tiny SD model
@@ -66,7 +67,7 @@ from dts_diffusers.pipelines import pipeline_dts
 from dts_diffusers.pipelines.timing import PhaseTimer
 
 from dts_diffusers import DTSPipeline, DTSSD3Pipeline, DTSXLPipeline
-from dts_diffusers.noise import randn_rows, row_generators
+from dts_diffusers.noise import philox_rows, randn_rows, row_generators
 
 RESULTS = Path(__file__).parent / "results"
 METHODS = ("plain", "dts", "best-of-n", "smc")
@@ -408,8 +409,9 @@ def noise_section(shape: tuple[int, ...], batch: int, device: torch.device, repe
         result[f"batch_{rows}"] = entry
     generators = row_generators(range(batch))
     if device.type == "cuda":
-        on_device = randn_rows(row_generators(range(batch)), shape, device=device).cpu()
-        result["max_abs_cpu_vs_device"] = float((on_device - randn_rows(generators, shape)).abs().max())
+        on_device = randn_rows(row_generators(range(batch)), shape, device=device).cpu()  # the Philox path
+        on_cpu = philox_rows(generators, shape, torch.device("cpu"))  # the same computation on the CPU
+        result["max_abs_philox_cpu_vs_device"] = float((on_device - on_cpu).abs().max())
     result["randn_rows_without_sync"] = runs_without_sync(lambda: randn_rows(generators, shape, device=device), device)
 
     def timed_phases():

@@ -4,13 +4,15 @@ Every row of a batch draws its noise from its own generator (the diffusers conve
 a row's result does not depend on which other rows share its batch. That is what lets the tree evict a latent and
 replay it later from stored seeds, and what makes the same seed give the same tree at any batch size.
 
-`randn_rows` keeps that contract without drawing the noise on the CPU row by row: it takes one 64-bit key per row
-from the row's generator (which advances it, so the next call gives new noise) and computes each element's normal
-from (key, element index) with the counter-based Philox4x32-10 generator (Salmon et al., "Parallel random numbers:
-as easy as 1, 2, 3", SC 2011) and the Box–Muller transform, in vectorised integer ops on the device: torch's on a
-GPU, numpy's on the CPU (its unsigned 64-bit product and small-array ops cost less there). The only transfer to a GPU
-is the small table of round keys, from pinned memory without blocking, and nothing reads back, so the host never
-waits for the device. The integer words are exact everywhere; the normals agree across devices to float32 rounding.
+On the CPU each row is `torch.randn` from its own generator (diffusers' stream: a scheduler given the same
+generator draws the same noise). On an accelerator, B draws on the CPU and a pageable copy per transition would stall
+the host (2.3 ms at batch 8, 9.2 ms at batch 16 on SD latents), so `randn_rows` takes one 64-bit key per row from the
+row's generator (which advances it) and computes each element's normal from (key, element index) with the
+counter-based Philox4x32-10 generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011) and the
+Box–Muller transform, in vectorised integer ops on the device; the only transfer is the small table of round keys,
+from pinned memory without blocking, and nothing reads back. The two paths give different numbers (a tree grown on a
+GPU differs from one grown on the CPU at the same seed); on one device the same seed gives the same tree. On the CPU
+the counter path would cost 3-4x torch's draw (`benchmarks/pipeline_speed.py`, noise section).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ PHILOX_ROUNDS = 10
 
 
 def row_generators(seeds: Sequence[int] | torch.Tensor) -> list[torch.Generator]:
-    """One CPU generator per row: it only supplies the row's keys, so a row gives the same noise on every device."""
+    """One CPU generator per row (on an accelerator it supplies the row's Philox key)."""
     if isinstance(seeds, torch.Tensor):
         seeds = seeds.tolist()
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -84,20 +86,6 @@ def philox4x32(counter: torch.Tensor, round_keys: torch.Tensor) -> tuple[torch.T
     return pair, rest
 
 
-def philox4x32_numpy(counter: np.ndarray, round_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`philox4x32` in numpy (uint64 [4, N] counters and [R, B, 2] round keys), for the CPU: the same words, but
-    uint64 holds c·M exactly, so one multiply does the work of four int64 ops, and small arrays cost less."""
-    multipliers = np.array(PHILOX_MULTIPLIERS, dtype=np.uint64).reshape(2, 1)
-    pair, rest = counter[[0, 2]], counter[[3, 1]]
-    for key in round_keys[..., None]:
-        product = pair * multipliers
-        hi = product >> np.uint64(32)
-        hi ^= rest
-        pair = hi[..., ::-1, :] ^ key  # c0 = hi1 ^ c1 ^ k0, c2 = hi0 ^ c3 ^ k1
-        rest = product & np.uint64(LOW32)  # (c3, c1) = (lo0, lo1)
-    return pair, np.broadcast_to(rest, pair.shape)
-
-
 def box_muller(u, v, xp):
     """Standard normals [B, 4N] from 24-bit integers u, v [B, 2, N] held in float32 (exact), with `xp` = numpy or
     torch: the radius's uniform 1 − u·2⁻²⁴ lies in (0, 1], so its logarithm is finite (|z| ≤ sqrt(48·ln 2) ≈ 5.8)."""
@@ -106,22 +94,13 @@ def box_muller(u, v, xp):
     return xp.stack([radius * xp.cos(theta), radius * xp.sin(theta)], -1).reshape(len(u), 4 * u.shape[-1])
 
 
-def normals_numpy(round_keys: np.ndarray, count: int) -> torch.Tensor:
-    """Float32 standard normals [B, count] on the CPU under round keys [R, B, 2], by Box–Muller on Philox words.
+def normals_torch(round_keys: torch.Tensor, count: int) -> torch.Tensor:
+    """Float32 standard normals [B, count] under round keys (int64 [R, B, 2]), on their device, by Box–Muller on
+    Philox words.
 
     Block n of N (counter n) gives 4 normals: words (w0, w3) make elements 2n and 2n + 1, words (w2, w1) elements
     2N + 2n and 2N + 2n + 1 (cosine, then sine), each uniform from its word's top 24 bits.
     """
-    blocks = (count + 3) // 4  # fewer than 2³⁴ elements a row: one counter word
-    counter = np.zeros((4, blocks), dtype=np.uint64)
-    counter[0] = np.arange(blocks)
-    pair, rest = philox4x32_numpy(counter, round_keys)
-    u, v = ((words >> np.uint64(8)).astype(np.float32) for words in (pair, rest))
-    return torch.from_numpy(box_muller(u, v, np)[:, :count])
-
-
-def normals_torch(round_keys: torch.Tensor, count: int) -> torch.Tensor:
-    """`normals_numpy` in torch, on the device of the round keys (int64 [R, B, 2])."""
     blocks = (count + 3) // 4
     counter = torch.zeros((4, blocks), dtype=torch.int64, device=round_keys.device)
     counter[0] = torch.arange(blocks, device=round_keys.device)
@@ -137,19 +116,23 @@ def randn_rows(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Standard normal noise of shape `(len(generators), *shape)` on `device`, row `i` from `generators[i]`.
+    """Standard normal noise of shape `(len(generators), *shape)` on `device`, row `i` from `generators[i]` only.
 
-    Row i depends only on `generators[i]`'s state (one key is drawn from it), never on the other rows, and is the
-    same on every device; it is one vectorised computation on `device`, and the host does not wait for the device.
-    """
+    On the CPU, `torch.randn` per row; elsewhere one vectorised counter-based draw on the device (`philox_rows`), so
+    the host neither draws B rows nor waits for a copy."""
     shape = tuple(int(size) for size in shape)
     device = torch.device("cpu") if device is None else torch.device(device)
-    round_keys, count = philox_round_keys(row_keys(generators)), math.prod(shape)
-    if device.type == "cpu":
-        normals = normals_numpy(round_keys, count)
-    else:
-        normals = normals_torch(to_device(torch.from_numpy(round_keys.astype(np.int64)), device), count)
-    return normals.reshape(len(generators), *shape).to(dtype)
+    if device.type != "cpu":
+        return philox_rows(generators, shape, device).to(dtype)
+    rows = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+    return (torch.stack(rows) if rows else torch.empty((0, *shape))).to(dtype)
+
+
+def philox_rows(generators: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Float32 noise `(len(generators), *shape)` on `device`: one key drawn from each row's generator, Philox4x32-10
+    normals of (key, element index) in one vectorised computation (the same words on every device)."""
+    round_keys = torch.from_numpy(philox_round_keys(row_keys(generators)).astype(np.int64))
+    return normals_torch(to_device(round_keys, torch.device(device)), math.prod(shape)).reshape(len(generators), *shape)
 
 
 def check_renoise_levels(from_level: int, to_level: int, num_steps: int) -> None:
