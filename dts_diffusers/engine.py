@@ -33,8 +33,17 @@ import numpy as np
 import torch
 
 from .noise import row_generators
-from .resampling import systematic
-from .tree import NO_SLOT, PAPER_WIDENING, ROOT, LatentStore, TreeArrays, Widening, boltzmann, widening_limit
+from .tree import (
+    NO_SLOT,
+    PAPER_WIDENING,
+    ROOT,
+    FrontierMasses,
+    LatentStore,
+    TreeArrays,
+    Widening,
+    boltzmann,
+    widening_limit,
+)
 
 Prior = Callable[[int, list[torch.Generator]], torch.Tensor]
 Transition = Callable[..., torch.Tensor]
@@ -156,6 +165,32 @@ def deficit_pick(shares: np.ndarray, parent_visits: int, child_visits: np.ndarra
     Over many visits each child gets its share to within one visit, as systematic resampling would give it, with no
     randomness: the tree's allocation adds no noise of its own."""
     return int(np.argmax(shares * parent_visits - child_visits))
+
+
+def grouped_boltzmann(values: np.ndarray, starts: np.ndarray, lam: float) -> np.ndarray:
+    """`boltzmann` within each group: the runs of `values` beginning at `starts`, computed together."""
+    sizes = np.diff(starts, append=values.size)
+    top = np.repeat(np.maximum.reduceat(values, starts), sizes)
+    weights = (values == top).astype(np.float64) if math.isinf(lam) else np.exp(lam * (values - top))
+    return weights / np.repeat(np.add.reduceat(weights, starts), sizes)
+
+
+def grouped_systematic(probs: np.ndarray, starts: np.ndarray, counts: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Systematic resampling within each group (the runs of `probs` beginning at `starts`, each summing to 1): how
+    many of group g's `counts[g]` pointers (uniforms[g] + i) / counts[g] fall in each element's slice of the group's
+    CDF, as `np.bincount(systematic(...))` gives each group alone."""
+    sizes = np.diff(starts, append=probs.size)
+    cdf = np.cumsum(probs)
+    cdf -= np.repeat(cdf[starts] - probs[starts], sizes)  # restart at each group
+    cdf[np.append(starts[1:], probs.size) - 1] = 1.0
+    before = np.concatenate([[0.0], cdf[:-1]])
+    before[starts] = 0.0
+    m, u = np.repeat(counts, sizes), np.repeat(uniforms, sizes)
+
+    def pointers_below(c: np.ndarray) -> np.ndarray:
+        return np.clip(np.ceil(c * m - u), 0, m)
+
+    return (pointers_below(cdf) - pointers_below(before)).astype(np.int64)
 
 
 def standardised(values: np.ndarray) -> np.ndarray:
@@ -321,6 +356,7 @@ class DTS:
         self.seed = seed
         self.device = as_device(device, "device")
         self.tree = TreeArrays(root_level=num_steps + 1)
+        self._masses = FrontierMasses(self.tree, self.node_levels[:-1]) if self._frontier else None
         self.store = LatentStore(
             as_device(latent_device, "latent_device") or self.device or torch.device("cpu"), latent_budget_bytes
         )
@@ -362,9 +398,9 @@ class DTS:
         while True:
             start = time.perf_counter()
             if not self._queue:
-                if self._frontier:
-                    unsplit, rows = self._frontier_masses()
-                    self._queue = [self._select_frontier(unsplit, rows) for _ in range(self.batch_size)]
+                if self._masses is not None:
+                    self._start_frontier_batch()
+                    self._queue = [self._select_frontier() for _ in range(self.batch_size)]
                 else:
                     self._queue = [self._select() for _ in range(self.batch_size)]
             affordable, spent = 0, 0
@@ -386,6 +422,7 @@ class DTS:
         Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (all its
         leaves are then repeated in rank order); `last_draw_distinct` (also in `stats()`) counts the distinct leaves
         of the last draw."""
+        n = positive_int(n, "n")
         if self.iterations == 0:
             raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
         if self.mode == "search":
@@ -443,7 +480,8 @@ class DTS:
         tree = self.tree
         n = tree.size
         ids = np.arange(n)
-        drawable, drawable_values = self._drawable(ids[1:])  # every node but the root
+        mask, weighed_by = self._drawable(ids[1:])  # every node but the root
+        drawable, drawable_values = ids[1:][mask], weighed_by[mask]
         eligible = np.zeros(n, dtype=bool)
         eligible[drawable] = True
         values = np.full(n, -np.inf)
@@ -467,37 +505,27 @@ class DTS:
     # ---------------------------------------------------------------------------------------------------------
     # selection and expansion
     # ---------------------------------------------------------------------------------------------------------
-    def _frontier_masses(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """Each finished node's mass m(n) = m(parent)·exp(κ·λ·(h(n) − h(parent))) / K(parent), m(root) = 1: the share of
-        π* an SMC particle at n would carry, with K(parent) children splitting their parent's (one pass per level).
-
-        Returns m(n)·K(parent), the mass before that split, which the pick divides by the parent's current child count
-        (children selected earlier in the batch included); and the finished nodes of each level, which a batch's
-        selections share (nodes created in a batch are unfinished)."""
-        tree = self.tree
-        n = tree.size
-        done, levels, parent = tree.done_np[:n], tree.level_np[:n], tree.parent_np[:n]
-        guide = np.nan_to_num(tree.guide_np[:n], nan=0.0)
-        kids = np.maximum(tree.child_count_np[:n], 1)
-        mass, unsplit = np.zeros(n), np.zeros(n)
-        mass[ROOT] = 1.0
-        above, by_level = self.num_steps + 1, {}
-        finished = np.flatnonzero(done)
-        finished_levels = levels[finished]
-        for level in self.node_levels[:-1]:
-            rows = finished[finished_levels == level]
-            if rows.size:
-                by_level[level] = rows
-                par = parent[rows]
-                tilt = self.lam * self._trust[above] * (guide[rows] - np.where(par == ROOT, 0.0, guide[par]))
-                unsplit[rows] = mass[par] * np.exp(tilt - tilt.max())
-
-                mass[rows] = unsplit[rows] / kids[par]
-            above = level
-        if self.level_allocation == "neyman" and self._batches % NEYMAN_EVERY == 0:  # spreads move slowly
-            self._measure_level_spreads(finished, levels, parent)
+    def _start_frontier_batch(self) -> None:
+        """Before a frontier batch: re-measure the level spreads every NEYMAN_EVERY batches (they move slowly)."""
+        if self.level_allocation == "neyman" and self._batches % NEYMAN_EVERY == 0:
+            tree = self.tree
+            n = tree.size
+            self._measure_level_spreads(np.flatnonzero(tree.done_np[:n]), tree.level_np[:n], tree.parent_np[:n])
         self._batches += 1
-        return unsplit, by_level
+
+    def _log_tilts(self, nodes: list[int]) -> list[float]:
+        """The frontier's log tilt of each new node: κ·λ·(h(n) − h(parent)), h the x̂_0 reward (0 at the root)."""
+        tree, out = self.tree, []
+
+        def guide(node: int) -> float:
+            value = 0.0 if node == ROOT else float(tree.guide_np[node])
+            return 0.0 if math.isnan(value) else value
+
+        for node in nodes:
+            parent = int(tree.parent_np[node])
+            change, trust = guide(node) - guide(parent), self._trust[int(tree.level_np[parent])]
+            out.append(self.lam * trust * change if change and trust else 0.0)
+        return out
 
     def _measure_level_spreads(self, finished: np.ndarray, levels: np.ndarray, parent: np.ndarray) -> None:
         """Per expanded level, the pooled spread of λ·V among siblings (V: the soft value of each child's subtree,
@@ -521,7 +549,7 @@ class DTS:
         floor = 0.1 * max(spread[lv] for lv in open_levels)  # a level whose children agree still gets some
         return {lv: max(spread[lv], floor, 1e-12) / math.sqrt(min(lv, self.num_steps)) for lv in open_levels}
 
-    def _select_frontier(self, unsplit: np.ndarray, rows_by_level: dict[int, np.ndarray]) -> _Item:
+    def _select_frontier(self) -> _Item:
         """Expand anywhere in the tree: the level (the root's x_T seeds included) with the fewest expansions so far,
         then the finished node of that level furthest below its share (∝ mass) of the level's expansions.
 
@@ -529,24 +557,22 @@ class DTS:
         children, so every value stays an unbiased nested estimate; yet a node that reaches a good region multiplies
         across the whole level, as an SMC particle does, instead of competing only with its siblings."""
         tree = self.tree
-        open_levels = [self.num_steps + 1, *rows_by_level]
+        open_levels = [self.num_steps + 1, *self._masses.open_levels()]
         counts = self._expansions_by_level
         shares = self._neyman_shares(open_levels) if self.level_allocation == "neyman" else None
         shares = shares or self._level_shares
         level = min(open_levels, key=lambda lv: (counts.get(lv, 0) + 1) / shares[lv])
         counts[level] = counts.get(level, 0) + 1
-        node = ROOT
-        if level <= self.num_steps:
-            rows = rows_by_level[level]
-            # the parent's share splits among all its children, those in flight included
-            share = unsplit[rows] / np.maximum(tree.child_count_np[tree.parent_np[rows]], 1)
-            node = int(rows[deficit_pick(share / share.sum(), counts[level], tree.child_count_np[rows])])
+        node = ROOT if level > self.num_steps else self._masses.pick(level, counts[level])
         path = [node]
         while path[-1] != ROOT:
             path.append(int(tree.parent_np[path[-1]]))
         path.reverse()
         tree.pending_np[path] += 1
-        return self._expand(path)
+        item = self._expand(path)
+        if node != ROOT:
+            self._masses.expanded_node(node)
+        return item
 
     def _select(self) -> _Item:
         """Descend from the root until a node may widen (or has no finished child yet: all are in flight)."""
@@ -637,19 +663,15 @@ class DTS:
             for item, r in zip(rollouts, rewards.tolist(), strict=True):
                 leaf = item.new_nodes[-1]
                 tree.set_leaf(leaf, r)
-                tree.visits_np[leaf] = 1
+                tree.visits_np[item.new_nodes] = 1
+                tree.backup(leaf, self._backup_lam)
+                if self._masses is not None:
+                    self._masses.add_rollout(item.path[-1], item.new_nodes, self._log_tilts(item.new_nodes))
                 if r > self._best[1]:
                     self._best = (leaf, r)
-                for node in reversed(item.new_nodes[:-1]):
-                    tree.refresh(node, self._backup_lam)
-                    tree.visits_np[node] = 1
-                    tree.done_np[node] = True
         for item in batch:
-            for node in reversed(item.path):
-                tree.pending_np[node] -= 1
-                tree.visits_np[node] += 1
-                if tree.level_np[node] > 0:
-                    tree.refresh(node, self._backup_lam)
+            tree.pending_np[item.path] -= 1
+            tree.visits_np[item.path] += 1
         self.iterations += len(batch)
         in_calls = self.timings.transition + self.timings.reward - calls_before
         self.timings.bookkeeping += time.perf_counter() - start - in_calls
@@ -819,31 +841,32 @@ class DTS:
     # drawing from the finished tree
     # ---------------------------------------------------------------------------------------------------------
     def _drawable(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The draw rule: which of `nodes` a descent may enter, and the values it weighs them by (exp(λ·value))."""
+        """The draw rule: which of `nodes` a descent may enter (a mask), and the values it weighs them by
+        (exp(λ·value))."""
         tree = self.tree
-        nodes = nodes[tree.done_np[nodes]]
         if self.estimator == "held-out":
-            nodes = nodes[tree.is_draw_child_np[nodes] & tree.draw_complete_np[nodes]]
-            return nodes, tree.draw_value_np[nodes]
-        return nodes, tree.value_np[nodes]
+            mask = tree.done_np[nodes] & tree.is_draw_child_np[nodes] & tree.draw_complete_np[nodes]
+            return mask, tree.draw_value_np[nodes]
+        return tree.done_np[nodes], tree.value_np[nodes]
 
     def _draw_leaves(self, n: int, rng: np.random.Generator) -> list[int]:
         """`n` leaves by Boltzmann descent, stratified: a node holding m draws hands them to its children by systematic
         resampling, so a child of probability p gets ⌊m·p⌋ or ⌈m·p⌉ of them. Each draw keeps the law of a single
-        descent; the set of n has less spread than n independent descents (fewer repeats of the same leaf)."""
+        descent; the set of n has less spread than n independent descents (fewer repeats of the same leaf). One
+        vectorised step per level (nodes exist only at node levels, so a step's nodes share one level)."""
         tree = self.tree
-        leaves: list[int] = []
-        frontier = [(ROOT, n)]
-        while frontier:
-            node, count = frontier.pop()
-            if tree.level_np[node] == 0:
-                leaves += [node] * count
-                continue
-            kids, values = self._drawable(tree.children(node))
-            shares = np.bincount(systematic(boltzmann(values, self.lam), count, rng), minlength=kids.size)
-            frontier += [(int(kid), int(share)) for kid, share in zip(kids, shares, strict=True) if share]
+        nodes, counts = np.array([ROOT]), np.array([n])
+        while tree.level_np[nodes[0]] > 0:
+            kids, owner = tree.children_of(nodes)
+            drawable, values = self._drawable(kids)
+            kids, owner, values = kids[drawable], owner[drawable], values[drawable]
+            starts = np.flatnonzero(np.diff(owner, prepend=-1))  # each node's run of children
+            probs = grouped_boltzmann(values, starts, self.lam)
+            shares = grouped_systematic(probs, starts, counts[owner[starts]], rng.random(starts.size))
+            nodes, counts = kids[shares > 0], shares[shares > 0]
+        leaves = np.repeat(nodes, counts)
         rng.shuffle(leaves)  # the order carries no information
-        return leaves
+        return leaves.tolist()
 
     def _best_first_leaves(self, n: int) -> list[int]:
         """Leaves in best-first order by value (DTS*): the first is the argmax-descent leaf, since a soft mean never

@@ -1,13 +1,18 @@
-"""Tree state as a struct of arrays, the soft-value arithmetic, and the latent store.
+"""Tree state as a struct of arrays, the soft-value arithmetic, the frontier's masses, and the latent store.
 
 Every per-node quantity is one column (a torch tensor) indexed by node id; the hot loops read them through numpy
 views of the same memory, so selection and backup cost microseconds next to a denoiser call. Children of a node
 live in a contiguous range of a shared child-id pool (`child_start`, `child_count`, `child_capacity`); a full
 range is moved to the end of the pool with twice the room.
+
+Nothing that runs once per rollout scans a node's children: each node keeps running soft means over them (updated
+one member at a time on backup), and the frontier's masses and picks are kept incrementally (`FrontierMasses`), so
+the cost of an iteration does not grow with the tree.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -29,6 +34,75 @@ def soft_mean(values: np.ndarray, lam: float) -> float:
     if math.isinf(lam):
         return top
     return top + math.log(float(np.exp(lam * (values - top)).sum()) / values.size) / lam
+
+
+SOFT_MEANS = ("value", "build_value", "draw_value")  # the soft means TreeArrays keeps per node (see its docstring)
+CANCELLATION = 1e-6  # a running soft mean whose removal leaves less than this share of its total is recomputed
+
+SoftState = tuple[int, float, float]  # (count, shift, total): see soft_state
+EMPTY: SoftState = (0, 0.0, 0.0)
+
+
+def soft_state(values: np.ndarray, lam: float) -> SoftState:
+    """A set's soft mean as a running state: total = Σ exp(λ·(v − shift)) with shift = max (Σ v at λ = 0, the max
+    alone at λ = ∞), so one member can join or change in O(1)."""
+    if values.size == 0:
+        return EMPTY
+    if lam == 0.0:
+        return values.size, 0.0, float(values.sum())
+    top = float(values.max())
+    if math.isinf(lam):
+        return values.size, top, 0.0
+    return values.size, top, float(np.exp(lam * (values - top)).sum())
+
+
+def soft_value(state: SoftState, lam: float) -> float:
+    """The soft mean of a running state (NaN when empty); of `soft_state(v)` it is exactly `soft_mean(v)`."""
+    count, shift, total = state
+    if count == 0:
+        return math.nan
+    if lam == 0.0:
+        return total / count
+    if math.isinf(lam):
+        return shift
+    return shift + math.log(total / count) / lam
+
+
+def soft_add(state: SoftState, value: float, lam: float) -> SoftState:
+    count, shift, total = state
+    if count == 0:
+        return (1, 0.0, value) if lam == 0.0 else (1, value, 0.0 if math.isinf(lam) else 1.0)
+    if lam == 0.0:
+        return count + 1, 0.0, total + value
+    if math.isinf(lam):
+        return count + 1, max(shift, value), 0.0
+    step = lam * (value - shift)
+    if step > 0:  # a new maximum becomes the shift, so no term overflows
+        return count + 1, value, total * math.exp(-step) + 1.0
+    return count + 1, shift, total + math.exp(step)
+
+
+def soft_remove(state: SoftState, value: float, lam: float) -> SoftState | None:
+    """The state without one member `value`; None when that cannot be done accurately (it held nearly all of the
+    total, or was the maximum at λ = ∞): the caller recomputes the set."""
+    count, shift, total = state
+    if count == 1:
+        return EMPTY
+    if lam == 0.0:
+        return count - 1, 0.0, total - value
+    if math.isinf(lam):
+        return None if value >= shift else (count - 1, shift, 0.0)
+    left = total - math.exp(lam * (value - shift))
+    return None if left <= CANCELLATION * total else (count - 1, shift, left)
+
+
+def soft_replace(state: SoftState, old: float | None, new: float | None, lam: float) -> SoftState | None:
+    """One member changes from `old` to `new` (None: not a member); None when the set must be recomputed."""
+    if old is not None and new is not None and math.isinf(lam) and new >= old:
+        return state[0], max(state[1], new), 0.0  # a maximum that only grows needs no removal
+    if new is not None:
+        state = soft_add(state, new, lam)
+    return state if old is None else soft_remove(state, old, lam)
 
 
 def boltzmann(values: np.ndarray, lam: float) -> np.ndarray:
@@ -94,7 +168,8 @@ class TreeArrays:
     `value` is the paper's soft value over all children; `build_value` leaves out the node's own drawing children
     (what selection may look at without biasing them); `draw_value` is the soft value over drawing children only.
     `guide` is the reward of the node's one-step prediction x̂_0 (its leaf reward at level 0): a function of the
-    node's state alone, so allocation guided by it never depends on the rewards below the node.
+    node's state alone, so allocation guided by it never depends on the rewards below the node. `soft` holds the
+    running state (`soft_state`) of each of the three soft means, so a backup changes them in O(1) per node.
     """
 
     _COLUMNS: ClassVar[dict[str, torch.dtype]] = {
@@ -136,6 +211,10 @@ class TreeArrays:
                 new[: self.size] = old[: self.size]
             setattr(self, name, new)
             setattr(self, f"{name}_np", new.numpy())
+        soft = np.zeros((capacity, len(SOFT_MEANS), 3))  # per node, the state of each soft mean (soft_state)
+        if hasattr(self, "soft"):
+            soft[: self.size] = self.soft[: self.size]
+        self.soft = soft
         self.capacity = capacity
 
     def _grow_pool(self, capacity: int) -> None:
@@ -182,18 +261,73 @@ class TreeArrays:
         start = self.child_start_np[node]
         return self.child_pool_np[start : start + self.child_count_np[node]]
 
+    def children_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The children of all `nodes`, concatenated in order, and the position in `nodes` of each one's parent."""
+        counts = self.child_count_np[nodes]
+        owner = np.repeat(np.arange(nodes.size), counts)
+        offsets = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self.child_pool_np[np.repeat(self.child_start_np[nodes], counts) + offsets], owner
+
     # -- backup --------------------------------------------------------------------------------------------------
-    def refresh(self, node: int, lam: float) -> None:
-        """Recompute a node's three values from its finished children (order-independent, so batches commute)."""
+    def memberships(self, node: int) -> tuple[float | None, float | None, float | None]:
+        """What `node` gives its parent's SOFT_MEANS: its value to the first; its value to build_value unless it is a
+        drawing child; its draw_value to draw_value if it is a drawing child whose draws are complete. None where it
+        is no member; an unfinished node is a member of none."""
+        if not self.done_np[node]:
+            return None, None, None
+        value = float(self.value_np[node])
+        if not self.is_draw_child_np[node]:
+            return value, value, None
+        return value, None, float(self.draw_value_np[node]) if self.draw_complete_np[node] else None
+
+    def _members(self, node: int, which: int) -> np.ndarray:
+        """The member values of one of a node's soft means, read from all its children."""
         kids = self.children(node)
         kids = kids[self.done_np[kids]]
-        values = self.value_np[kids]
+        if which == 0:
+            return self.value_np[kids]
         draw = self.is_draw_child_np[kids]
-        self.value_np[node] = soft_mean(values, lam)
-        self.build_value_np[node] = soft_mean(values[~draw], lam)
-        complete = kids[draw & self.draw_complete_np[kids]]
-        self.draw_complete_np[node] = complete.size > 0
-        self.draw_value_np[node] = soft_mean(self.draw_value_np[complete], lam)
+        if which == 1:
+            return self.value_np[kids[~draw]]
+        return self.draw_value_np[kids[draw & self.draw_complete_np[kids]]]
+
+    def _take_values(self, node: int, states: list, lam: float) -> None:
+        """Store a node's soft-mean states and the values they give."""
+        self.soft[node] = states
+        self.value_np[node] = soft_value(states[0], lam)
+        self.build_value_np[node] = soft_value(states[1], lam)
+        self.draw_value_np[node] = soft_value(states[2], lam)
+        self.draw_complete_np[node] = states[2][0] > 0
+
+    def refresh(self, node: int, lam: float) -> None:
+        """Recompute a node's soft means from all its finished children (what `backup` keeps up to date one
+        member at a time)."""
+        self._take_values(node, [soft_state(self._members(node, which), lam) for which in range(3)], lam)
+
+    def _fold(self, parent: int, before: tuple, after: tuple, lam: float) -> None:
+        """A child's memberships went from `before` to `after`: update the parent's soft means and values."""
+        states = self.soft[parent].tolist()
+        for which, (old, new) in enumerate(zip(before, after, strict=True)):
+            if old != new:
+                state = soft_replace(states[which], old, new, lam)
+                states[which] = soft_state(self._members(parent, which), lam) if state is None else state
+        self._take_values(parent, states, lam)
+
+    def backup(self, leaf: int, lam: float) -> None:
+        """Fold a finished rollout into the values: `leaf` (set by `set_leaf`), the new nodes above it, which finish
+        now with that one child each, then each ancestor up to the root, one member update per node (O(depth),
+        whatever the number of children); stops early where a value does not change (a max that did not grow).
+        The result is `refresh` of every node on the path, in any order of the batch's rollouts, up to rounding."""
+        node, before = leaf, (None, None, None)
+        while node != ROOT:
+            parent = int(self.parent_np[node])
+            finishing = not self.done_np[parent]
+            parent_before = (None, None, None) if finishing else self.memberships(parent)
+            self._fold(parent, before, self.memberships(node), lam)
+            self.done_np[parent] = True
+            if not finishing and self.memberships(parent) == parent_before:
+                return
+            node, before = parent, parent_before
 
     def set_leaf(self, node: int, reward: float) -> None:
         for name in ("value", "build_value", "draw_value", "guide"):
@@ -341,3 +475,198 @@ class LatentStore:
         for page, at, offset in parts:
             out[self._index(at)] = page[self._index(offset)]
         return out
+
+
+MAX_LOG_TILT = 1e6  # a tilt past exp(±1e6) already gives its node all or none of its level's mass
+
+
+def log_add(a: float, b: float) -> float:
+    """log(e^a + e^b)."""
+    if a < b:
+        a, b = b, a
+    return a if b == -math.inf else a + math.log1p(math.exp(b - a))
+
+
+def log_replace(total: float, old: float, new: float) -> float:
+    """log(e^total − e^old + e^new), for `old` one of the terms summed in `total` (−inf: no term); never below
+    `new`, whatever the rounding."""
+    shift = max(total, new)
+    if shift == -math.inf:
+        return shift
+    kept = max(math.exp(total - shift) - math.exp(old - shift), 0.0)
+    left = kept + math.exp(new - shift)
+    return shift + math.log(left) if left > 0 else -math.inf
+
+
+class FrontierMasses:
+    """The masses and picks of the frontier estimator, kept up to date as the tree grows instead of recomputed.
+
+    A finished node n has mass m(n) = m(parent)·w(n)/K(parent) (K: the child count; the root's 1/K is common to all
+    and left out), with the tilt w(n) the engine gives when n finishes. The pick at level ℓ after its C-th expansion
+    is argmax over the level's finished nodes of C·m(n)/M_ℓ − K(n), M_ℓ the level's total mass, the oldest node on
+    ties: the node furthest below its share of the level's expansions. Within a batch every mass keeps the child
+    counts of the last finished batch (`counted`) except its own parent's, which is current.
+
+    Under that rule a mass never grows, so each level keeps, per child count k, a heap of masses that bound the
+    current ones from above and are checked when they surface (lazy greedy), and M_ℓ is the root's entry of a table
+    T(n, ℓ): the mass of n's finished level-ℓ descendants relative to n, updated along the path of each finished
+    rollout. A pick costs O(depth · log n), a rollout O(depth · levels), whatever the size of the tree.
+    """
+
+    def __init__(self, tree: TreeArrays, levels: list[int]):
+        self.tree = tree
+        self.levels = list(levels)  # the node levels that can be expanded, x_T first
+        self.column = {level: j for j, level in enumerate(self.levels)}
+        self.finished = np.zeros(len(self.levels), dtype=np.int64)  # finished nodes per level
+        self.entries = np.zeros(len(self.levels), dtype=np.int64)  # heap entries per level, stale ones included
+        self.heaps: list[dict[int, list[tuple[float, int]]]] = [{} for _ in self.levels]
+        self.expanded: set[int] = set()  # nodes with children not yet counted in the masses (this batch)
+        self.log_w, self.counted = np.zeros(0), np.zeros(0, dtype=np.int64)
+        self.log_t = np.zeros((0, len(self.levels)))
+        self._grow(tree.capacity)
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.log_w.size
+        self.log_w = np.concatenate([self.log_w, np.zeros(extra)])  # log w(n)
+        self.counted = np.concatenate([self.counted, np.zeros(extra, dtype=np.int64)])  # children in the masses
+        self.log_t = np.concatenate([self.log_t, np.full((extra, len(self.levels)), -np.inf)])  # log T(n, ℓ)
+
+    def open_levels(self) -> list[int]:
+        """The levels with a finished node, x_T first."""
+        return [level for level, count in zip(self.levels, self.finished, strict=True) if count]
+
+    # -- masses --------------------------------------------------------------------------------------------------
+    def _log_mass(self, node: int) -> float:
+        """log m(node) under the counted child counts."""
+        tree, out = self.tree, 0.0
+        while node != ROOT:
+            parent = int(tree.parent_np[node])
+            out += self.log_w[node] - (0.0 if parent == ROOT else math.log(self.counted[parent]))
+            node = parent
+        return out
+
+    def _candidate_log_mass(self, node: int) -> float:
+        """log m(node) as a pick weighs it: its parent's current child count, the counted ones above."""
+        parent = int(self.tree.parent_np[node])
+        if parent == ROOT:
+            return float(self.log_w[node])
+        return self._log_mass(parent) + self.log_w[node] - math.log(self.tree.child_count_np[parent])
+
+    def _log_total(self, j: int) -> float:
+        """log M for level `levels[j]` as a pick weighs it: T(root) with this batch's new children of the level
+        above diluting their siblings."""
+        log_total = float(self.log_t[ROOT, j])
+        counts = self.tree.child_count_np
+        above = self.levels[j - 1] if j else None
+        change = sum(
+            math.exp(self._log_mass(p) + self.log_t[p, j] - log_total) * (self.counted[p] / counts[p] - 1.0)
+            for p in self.expanded
+            if self.tree.level_np[p] == above
+        )
+        return log_total + math.log1p(max(change, -1.0 + 2**-52))  # the change is > -1 but for rounding
+
+    # -- picks ---------------------------------------------------------------------------------------------------
+    def pick(self, level: int, expansions: int) -> int:
+        """The node of `level` furthest below its share of the level's `expansions` (this one included)."""
+        j = self.column[level]
+        log_total = self._log_total(j)
+        groups = self.heaps[j]
+        bounds = sorted(
+            ((expansions * math.exp(-heap[0][0] - log_total) - k, k) for k, heap in groups.items()), reverse=True
+        )
+        best, chosen = -math.inf, -1
+        for bound, k in bounds:
+            if bound < best:
+                break
+            top = self._top(j, k)
+            if top is None:
+                continue
+            log_mass, node = top
+            deficit = expansions * math.exp(log_mass - log_total) - k
+            if deficit > best or (deficit == best and node < chosen):
+                best, chosen = deficit, node
+        return chosen
+
+    def _top(self, j: int, k: int) -> tuple[float, int] | None:
+        """The heaviest node of level j with k children now (the oldest on ties), its stale entries refreshed."""
+        heap = self.heaps[j][k]
+        counts = self.tree.child_count_np
+        while heap:
+            key, node = heap[0]
+            if counts[node] != k:  # it has had a child since: it lives in the next group
+                heapq.heappop(heap)
+                self.entries[j] -= 1
+                continue
+            log_mass = self._candidate_log_mass(node)
+            if log_mass == -key:
+                return log_mass, node
+            heapq.heapreplace(heap, (-log_mass, node))
+        del self.heaps[j][k]
+        return None
+
+    def _push(self, node: int) -> None:
+        j = self.column[int(self.tree.level_np[node])]
+        group = self.heaps[j].setdefault(int(self.tree.child_count_np[node]), [])
+        heapq.heappush(group, (-self._candidate_log_mass(node), node))
+        self.entries[j] += 1
+        if self.entries[j] > 2 * self.finished[j] + 64:
+            self._compact(j)
+
+    def _compact(self, j: int) -> None:
+        """Drop the entries of nodes that have left their group (a node has one live entry)."""
+        counts = self.tree.child_count_np
+        for k, heap in list(self.heaps[j].items()):
+            kept = [entry for entry in heap if counts[entry[1]] == k]
+            heapq.heapify(kept)
+            if kept:
+                self.heaps[j][k] = kept
+            else:
+                del self.heaps[j][k]
+        self.entries[j] = sum(len(heap) for heap in self.heaps[j].values())
+
+    def expanded_node(self, node: int) -> None:
+        """`node` (not the root) got a child this batch: it moves to the next group, and dilutes its children."""
+        self._push(node)
+        self.expanded.add(node)
+
+    # -- a finished rollout --------------------------------------------------------------------------------------
+    def add_rollout(self, start: int, new_nodes: list[int], log_weights: list[float]) -> None:
+        """Count a finished rollout: `start` (the root, or the node expanded) has one more child, the first of
+        `new_nodes` (the leaf last), whose tilts are `log_weights`; T changes along the path to the root."""
+        tree = self.tree
+        if tree.capacity > self.log_w.size:
+            self._grow(tree.capacity)
+        chain = [node for node in new_nodes if tree.level_np[node] > 0]
+        below = [-math.inf] * len(self.levels)  # T of the chain's nodes, bottom up: each has one child
+        for node, log_w in reversed(list(zip(chain, log_weights, strict=False))):
+            column = self.column[int(tree.level_np[node])]
+            log_w = min(max(log_w, -MAX_LOG_TILT), MAX_LOG_TILT)
+            self.log_w[node], self.counted[node] = log_w, 1
+            self.finished[column] += 1
+            below[column] = 0.0
+            self.log_t[node] = below
+            below = [value + log_w for value in below]
+        before = self.log_t[start].tolist()
+        after = before
+        if start != ROOT:  # one more child: the old ones' share of the start's mass shrinks
+            counted, own = int(self.counted[start]), self.column[int(tree.level_np[start])]
+            self.counted[start] = counted + 1
+            shrink = math.log(counted / (counted + 1))
+            after = [value + shrink if j > own else value for j, value in enumerate(before)]
+            below = [value - math.log(counted + 1) for value in below]
+            if self.counted[start] == tree.child_count_np[start]:
+                self.expanded.discard(start)
+        after = [log_add(a, b) for a, b in zip(after, below, strict=True)]
+        self.log_t[start] = after
+        node = start
+        while node != ROOT:
+            parent = int(tree.parent_np[node])
+            scale = self.log_w[node] - (0.0 if parent == ROOT else math.log(self.counted[parent]))
+            total = self.log_t[parent].tolist()
+            new_total = [
+                log_replace(t, old + scale, new + scale) for t, old, new in zip(total, before, after, strict=True)
+            ]
+            self.log_t[parent] = new_total
+            node, before, after = parent, total, new_total
+        for node in chain:
+            self._push(node)

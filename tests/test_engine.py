@@ -452,3 +452,107 @@ def test_the_latent_budget_on_cuda_is_a_share_of_free_memory():
     store.put(tree, [node], torch.ones(1, 4, 8, 8))
     assert 0.9 * budget <= store.budget_bytes <= total and store.pages[0].is_cuda
     assert torch.equal(store.get([tree.slot_np[node]]).cpu(), torch.ones(1, 4, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("lam", "options"),
+    [(1.0, {"estimator": "held-out"}), (0.0, {}), (30.0, {"estimator": "paper"}),
+     (math.inf, {"mode": "search"}), (2.0, {"mode": "search", "estimator": "paper", "search_backup": "soft"})],
+)  # fmt: skip
+def test_backed_up_values_equal_a_recomputation_from_all_children(lam, options):
+    """Backup updates one member of each soft mean per node; every node's three values must still be the soft means
+    of its finished children (soft_mean over each set, as `refresh` computes them)."""
+    dts = make(seed=0, lam=lam, **options).run(4000)
+    tree, backup_lam = dts.tree, dts._backup_lam
+    inner = [node for node in range(tree.size) if tree.level_np[node] > 0 and tree.done_np[node]]
+    assert len(inner) > 300
+    for node in inner:
+        kids = tree.children(node)
+        kids = kids[tree.done_np[kids]]
+        draw = tree.is_draw_child_np[kids]
+        values = tree.value_np[kids]
+        expected = [soft_mean(values, backup_lam), soft_mean(values[~draw], backup_lam),
+                    soft_mean(tree.draw_value_np[kids[draw & tree.draw_complete_np[kids]]], backup_lam)]  # fmt: skip
+        got = [tree.value_np[node], tree.build_value_np[node], tree.draw_value_np[node]]
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_soft_means_recompute_where_a_removal_would_cancel():
+    from dts_diffusers.tree import soft_replace, soft_state, soft_value
+
+    values = np.array([5.0, 0.0, -1.0])
+    state = soft_state(values, 10.0)
+    assert soft_replace(state, 5.0, -2.0, 10.0) is None  # the member holding nearly all of the total drops
+    moved = soft_replace(state, 0.0, 0.5, 10.0)
+    assert soft_value(moved, 10.0) == pytest.approx(soft_mean(np.array([5.0, 0.5, -1.0]), 10.0), rel=1e-14)
+    assert soft_replace(soft_state(values, math.inf), 5.0, 4.0, math.inf) is None  # the max fell
+    assert soft_value(soft_replace(soft_state(values, math.inf), 0.0, 7.0, math.inf), math.inf) == 7.0
+    assert soft_value(soft_replace(soft_state(values, 0.0), -1.0, 2.0, 0.0), 0.0) == pytest.approx(7.0 / 3)
+
+
+def reference_frontier_unsplit(dts):
+    """The frontier's masses by one pass over the whole tree, as the engine computed them before they were kept
+    incrementally: m(n)·K(parent) per finished node (level-wise scale aside), and the finished nodes per level."""
+    tree = dts.tree
+    n = tree.size
+    done, levels, parent = tree.done_np[:n], tree.level_np[:n], tree.parent_np[:n]
+    guide = np.nan_to_num(tree.guide_np[:n], nan=0.0)
+    kids = np.maximum(tree.child_count_np[:n], 1)
+    mass, unsplit, rows_by_level = np.zeros(n), np.zeros(n), {}
+    mass[0] = 1.0
+    above = dts.num_steps + 1
+    for level in dts.node_levels[:-1]:
+        rows = np.flatnonzero(done & (levels == level))
+        if rows.size:
+            rows_by_level[level] = rows
+            par = parent[rows]
+            tilt = dts.lam * dts._trust[above] * (guide[rows] - np.where(par == 0, 0.0, guide[par]))
+            unsplit[rows] = mass[par] * np.exp(tilt - tilt.max())
+            mass[rows] = unsplit[rows] / kids[par]
+        above = level
+    return unsplit, rows_by_level
+
+
+@pytest.mark.parametrize(("task", "lam"), [(TASK, TASK.lam), (TASK, 0.0), (gmm_2d(num_steps=20), 1.0)])
+def test_the_incremental_frontier_picks_what_a_pass_over_the_tree_picks(task, lam):
+    """Every pick of the kept masses is the argmax of C·m(n)/M − K(n) over the level, computed from scratch."""
+    dts = make(task, seed=3, lam=lam)
+    masses, picks, reference = dts._masses, [], {}
+    start_batch, pick = dts._start_frontier_batch, masses.pick
+
+    def start_and_measure():
+        start_batch()
+        reference["unsplit"], reference["rows"] = reference_frontier_unsplit(dts)
+
+    def checked_pick(level, expansions):
+        rows = reference["rows"][level]
+        tree = dts.tree
+        share = reference["unsplit"][rows] / np.maximum(tree.child_count_np[tree.parent_np[rows]], 1)
+        expected = int(rows[deficit_pick(share / share.sum(), expansions, tree.child_count_np[rows])])
+        picks.append((pick(level, expansions), expected))
+        return picks[-1][0]
+
+    dts._start_frontier_batch, masses.pick = start_and_measure, checked_pick
+    dts.run(4000)
+    assert len(picks) > 200
+    assert [got for got, _ in picks] == [expected for _, expected in picks]
+
+
+def test_grouped_boltzmann_and_systematic_match_each_group_alone():
+    from dts_diffusers.engine import grouped_boltzmann, grouped_systematic
+    from dts_diffusers.resampling import systematic
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 9, size=200)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    values = rng.normal(size=sizes.sum()).round(1)  # ties at λ = ∞
+    counts = rng.integers(1, 50, size=sizes.size)
+    for lam in (0.0, 2.0, math.inf):
+        probs = grouped_boltzmann(values, starts, lam)
+        uniforms = np.array([np.random.default_rng(g).random() for g in range(sizes.size)])
+        shares = grouped_systematic(probs, starts, counts, uniforms)
+        for g, (start, size) in enumerate(zip(starts, sizes, strict=True)):
+            alone = boltzmann(values[start : start + size], lam)
+            np.testing.assert_allclose(probs[start : start + size], alone, rtol=1e-12)
+            drawn = systematic(alone, int(counts[g]), np.random.default_rng(g))
+            assert shares[start : start + size].tolist() == np.bincount(drawn, minlength=size).tolist()
