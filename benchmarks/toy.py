@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from engine_cost import bookkeeping_by_size
 from ranking import first_reaching, ranking_table, write_atomically
 from scipy.stats import wasserstein_distance
 
@@ -206,34 +207,10 @@ def noise_floor(task: ToyTask, draws: int, seeds: int) -> dict:
 
 
 def engine_cost(node_targets, probe_budget: int) -> dict:
-    """Bookkeeping seconds per iteration of the default DTS near each node count, with a near-free transition and
-    reward; then the share of wall time outside `transition` and `reward` on gmm-2d at `probe_budget` NFE."""
-
-    def prior(n, gens):
-        return torch.zeros(n, 2)
-
-    def transition(x, level, gens, return_x0=False):
-        return (x, x) if return_x0 else x
-
-    out: dict = {}
-    start = time.perf_counter()
-    dts = build_sampler(
-        "dts", prior, transition, lambda x: torch.rand(len(x)), 10, branch_levels=[10, 8, 6, 4, 2], seed=0
-    )
-    for target in node_targets:
-        nodes = dts.stats()["nodes"]
-        while nodes < 0.9 * target:
-            dts.run(max(10_000, target - nodes))  # a node costs at least one NFE: this never overshoots much
-            nodes, before = dts.stats()["nodes"], nodes
-            if nodes == before:
-                break
-        before_t, before_i = dts.timings.bookkeeping, dts.iterations
-        dts.run(10_000)
-        per_iteration = (dts.timings.bookkeeping - before_t) / max(dts.iterations - before_i, 1)
-        out[f"seconds_per_iteration_at_{target}_nodes"] = per_iteration
-        out[f"nodes_measured_near_{target}"] = [nodes, dts.stats()["nodes"]]  # before and after the measured run
-        print(f"engine cost: {per_iteration:.2e} s/iteration from {nodes} nodes", flush=True)
-    out["tree_wall_seconds"] = time.perf_counter() - start
+    """Bookkeeping seconds per iteration of the default DTS near each node count, with a zero-cost chain
+    (benchmarks/engine_cost.py); then the share of wall time outside `transition` and `reward` on gmm-2d at
+    `probe_budget` NFE."""
+    out = bookkeeping_by_size(node_targets)
 
     task = gmm_2d()
     probe = make_sampler(task, "dts", {}, 0)

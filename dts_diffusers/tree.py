@@ -204,11 +204,13 @@ class TreeArrays:
 
     # -- storage -------------------------------------------------------------------------------------------------
     def _grow_nodes(self, capacity: int) -> None:
+        # the numpy views are what the engine writes: copy from them (a deep copy of the tree no longer shares a
+        # tensor's memory with its view)
         for name, dtype in self._COLUMNS.items():
-            old = getattr(self, name, None)
+            old = getattr(self, f"{name}_np", None)
             new = torch.zeros(capacity, dtype=dtype)
             if old is not None:
-                new[: self.size] = old[: self.size]
+                new.numpy()[: self.size] = old[: self.size]
             setattr(self, name, new)
             setattr(self, f"{name}_np", new.numpy())
         soft = np.zeros((capacity, len(SOFT_MEANS), 3))  # per node, the state of each soft mean (soft_state)
@@ -219,7 +221,8 @@ class TreeArrays:
 
     def _grow_pool(self, capacity: int) -> None:
         new = torch.zeros(capacity, dtype=torch.int64)
-        new[: self.pool_size] = self.child_pool[: self.pool_size]
+        if self.pool_size:
+            new.numpy()[: self.pool_size] = self.child_pool_np[: self.pool_size]
         self.child_pool = new
         self.child_pool_np = new.numpy()
 

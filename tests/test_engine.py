@@ -556,3 +556,31 @@ def test_grouped_boltzmann_and_systematic_match_each_group_alone():
             np.testing.assert_allclose(probs[start : start + size], alone, rtol=1e-12)
             drawn = systematic(alone, int(counts[g]), np.random.default_rng(g))
             assert shares[start : start + size].tolist() == np.bincount(drawn, minlength=size).tolist()
+
+
+@pytest.mark.parametrize("options", [{}, {"estimator": "held-out", "widening": "paper"}])
+def test_draw_frequencies_follow_the_descent_law_over_leaves(options):
+    """Pooled over many stratified draws, each leaf comes up at its probability under the draw rule (stats()'s law),
+    to within the binomial error of independent draws (stratification only lowers it)."""
+    dts = make(seed=4, **options).run(3000)
+    tree = dts.tree
+    leaves = np.flatnonzero(tree.level_np[: tree.size] == 0)
+    leaves = leaves[dts._drawable(leaves)[0]]  # the leaves _leaf_probabilities gives, in order
+    probs = dts._leaf_probabilities()
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([dts._draw_leaves(997, rng) for _ in range(200)])
+    assert np.isin(drawn, leaves[probs > 0]).all()
+    freq = np.bincount(np.searchsorted(leaves, drawn), minlength=leaves.size) / drawn.size
+    assert np.all(np.abs(freq - probs) <= 5 * np.sqrt(probs * (1 - probs) / drawn.size) + 1e-9)
+    assert (probs == 0).any() == bool(options)  # the held-out rule cannot draw its building children's leaves
+
+
+def test_a_deep_copy_continues_exactly_as_the_original_would():
+    """ComfyUI keeps a copy of a tree and grows it later: the copy must keep growing past its arrays' capacity."""
+    import copy
+
+    once = make(seed=5, batch_size=8).run(6000)
+    copied = copy.deepcopy(make(seed=5, batch_size=8).run(1500)).run(4500)
+    assert copied.tree.size > 1024  # the node arrays grew after the copy
+    assert once.stats() | {"timings": None} == copied.stats() | {"timings": None}
+    assert torch.equal(once.sample(50), copied.sample(50))
