@@ -7,6 +7,8 @@ import torch
 from dts_diffusers.pipelines import timing
 from dts_diffusers.pipelines.timing import PhaseTimer
 
+from tests.test_pipeline import run, sd_path  # noqa: F401  (sd_path is a fixture)
+
 LAG = 5  # the fake GPU finishes an event only once 5 more have been recorded after it
 
 
@@ -117,3 +119,21 @@ def test_cpu_phases_are_wall_times_and_touch_no_cuda(monkeypatch):
             time.sleep(0.005)
     assert 0.015 <= timer.seconds["reward"] < 1.0
     assert timer.seconds["missing"] == 0.0  # a defaultdict, as the pipelines' timings expect
+
+
+def test_a_pipeline_call_synchronises_once_whatever_its_unet_steps(gpu, monkeypatch, sd_path):  # noqa: F811
+    """The default path of a DTS pipeline call, its timer on a (faked) GPU: every UNet step, decode and reward is
+    timed by events, and the host waits once, when the call reads the seconds for `output.timings`."""
+    from diffusers import DDIMScheduler
+    from dts_diffusers.pipelines import DTSPipeline, tree_search
+
+    monkeypatch.setattr(tree_search, "PhaseTimer", lambda device: PhaseTimer("cuda"))
+    pipe = DTSPipeline.from_pretrained(sd_path)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    unet_calls = []
+    pipe.unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
+    out = run(pipe, nfe_budget=48)
+    assert len(unet_calls) >= 12 and len(gpu.recorded) >= 2 * len(unet_calls)
+    assert gpu.synchronizes == 1 and gpu.event_synchronizes == 0
+    assert out.timings["unet"] >= 0 and set(out.timings) >= {"unet", "vae_decode", "reward", "engine", "total"}
