@@ -37,6 +37,7 @@ from .tree import (
     NO_SLOT,
     PAPER_WIDENING,
     ROOT,
+    ChildDraws,
     FrontierMasses,
     LatentStore,
     TreeArrays,
@@ -357,6 +358,10 @@ class DTS:
         self.device = as_device(device, "device")
         self.tree = TreeArrays(root_level=num_steps + 1)
         self._masses = FrontierMasses(self.tree, self.node_levels[:-1]) if self._frontier else None
+        self._draws = None  # the top-down rules that draw children ∝ exp(λ·key) keep an index of wide nodes
+        if not self._guided and mode == "sample" and math.isfinite(self.lam):
+            key = "value" if estimator == "paper" else "build_value"
+            self._draws = ChildDraws(self.tree, self.lam, key, mean_for_missing=estimator == "held-out")
         self.store = LatentStore(
             as_device(latent_device, "latent_device") or self.device or torch.device("cpu"), latent_budget_bytes
         )
@@ -585,15 +590,20 @@ class DTS:
                 return _Item(path, [], 0)
             visits = int(tree.visits_np[node] + tree.pending_np[node] - 1)
             limit = widening_limit(max(visits, 1), self.widening.c, self._alpha[level])
-            kids = tree.children(node)
-            kids = kids[tree.done_np[kids]]
-            if tree.child_count_np[node] < limit or kids.size == 0:
+            if tree.child_count_np[node] < limit or tree.finished_children(node) == 0:
                 return self._expand(path)
-            node = self._select_child(node, kids)
+            node = self._select_child(node)
             path.append(node)
 
-    def _select_child(self, node: int, kids: np.ndarray) -> int:
+    def _select_child(self, node: int) -> int:
         tree = self.tree
+        if self._draws is not None:  # a Boltzmann draw: through the node's index when it is wide
+            uniform = self._rng.random()
+            child = self._draws.draw(node, uniform)
+            if child is not None:
+                return child
+        kids = tree.children(node)
+        kids = kids[tree.done_np[kids]]
         if self._guided:
             if self.mode == "search":
                 # the best leaf below each child, and its own x̂_0 reward, each standardised among the siblings
@@ -612,7 +622,10 @@ class DTS:
             probs = boltzmann(tree.value_np[kids], self.lam)
         else:
             probs = self._held_out_probs(tree.build_value_np[kids])
-        return int(kids[self._rng.choice(kids.size, p=probs)])
+        if self._draws is None:
+            return int(kids[self._rng.choice(kids.size, p=probs)])
+        cdf = probs.cumsum()  # what rng.choice does with the uniform drawn above
+        return int(kids[np.searchsorted(cdf / cdf[-1], uniform, side="right")])
 
     def _held_out_probs(self, build_values: np.ndarray) -> np.ndarray:
         """Boltzmann over building values; a child with none yet gets the mean weight of those that have one."""
@@ -667,6 +680,9 @@ class DTS:
                 tree.backup(leaf, self._backup_lam)
                 if self._masses is not None:
                     self._masses.add_rollout(item.path[-1], item.new_nodes, self._log_tilts(item.new_nodes))
+                if self._draws is not None:
+                    for node in (*item.new_nodes, *item.path[1:]):
+                        self._draws.update(node)
                 if r > self._best[1]:
                     self._best = (leaf, r)
         for item in batch:

@@ -189,6 +189,7 @@ class TreeArrays:
         "child_start": torch.int64,
         "child_count": torch.int64,
         "child_capacity": torch.int64,
+        "sibling": torch.int64,  # the node's position among its parent's children
     }
 
     def __init__(self, root_level: int, capacity: int = 1024):
@@ -239,6 +240,7 @@ class TreeArrays:
         for name in ("value", "build_value", "draw_value", "guide"):
             getattr(self, f"{name}_np")[node] = math.nan
         if parent >= 0:
+            self.sibling_np[node] = self.child_count_np[parent]
             self._append_child(parent, node)
         return node
 
@@ -263,6 +265,10 @@ class TreeArrays:
     def children(self, node: int) -> np.ndarray:
         start = self.child_start_np[node]
         return self.child_pool_np[start : start + self.child_count_np[node]]
+
+    def finished_children(self, node: int) -> int:
+        """How many of the node's children are finished (the members of its first soft mean)."""
+        return int(self.soft[node, 0, 0])
 
     def children_of(self, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The children of all `nodes`, concatenated in order, and the position in `nodes` of each one's parent."""
@@ -673,3 +679,142 @@ class FrontierMasses:
             node, before, after = parent, total, new_total
         for node in chain:
             self._push(node)
+
+
+class Fenwick:
+    """Prefix sums over a fixed number of slots, each changed in O(log n) (a binary indexed tree)."""
+
+    def __init__(self, values: np.ndarray):
+        self.size = values.size
+        tree = [0.0, *values.tolist()]
+        for i in range(1, self.size + 1):
+            up = i + (i & -i)
+            if up <= self.size:
+                tree[up] += tree[i]
+        self.tree = tree
+
+    def add(self, index: int, delta: float) -> None:
+        i, tree = index + 1, self.tree
+        while i <= self.size:
+            tree[i] += delta
+            i += i & -i
+
+    def total(self) -> float:
+        i, out = self.size, 0.0
+        while i:
+            out += self.tree[i]
+            i -= i & -i
+        return out
+
+
+def weighted_search(weights: Fenwick, extra: Fenwick, extra_weight: float, target: float) -> int:
+    """The first slot at which the running sum of weights + extra_weight·extra passes `target` (slots past the
+    end: `weights.size`), in O(log n)."""
+    position, step = 0, 1 << (weights.size.bit_length() - 1)
+    while step:
+        up = position + step
+        if up <= weights.size:
+            here = weights.tree[up] + extra_weight * extra.tree[up]
+            if here <= target:
+                position, target = up, target - here
+        step >>= 1
+    return position
+
+
+MIN_INDEXED_CHILDREN = 128  # below this a pass over the children is as cheap as the index
+CANCELLED_TOTAL = 1e-8  # an index whose total fell below this share of the largest weight it held is rebuilt
+
+
+class ChildDraws:
+    """Boltzmann draws among a node's finished children without a pass over them, for the top-down rules that draw
+    (the paper's selection ∝ exp(λ·value), and the held-out rule's ∝ exp(λ·build_value), where a child with no
+    building value yet weighs the mean of those that have one).
+
+    Every node with at least MIN_INDEXED_CHILDREN children keeps, in child order, a Fenwick tree of
+    w = exp(λ·(key − ref)) (0 for an unfinished child; ref the largest key when it was built) and one of the
+    children without a key. `update(child)` follows a change of one child in O(log K); `draw(node, u)` is the child
+    that `rng.choice(K, p=...)` picks with uniform u, in O(log K). An index is rebuilt from the children when it
+    outgrows its slots, when a weight would overflow, or when its total has cancelled.
+    """
+
+    def __init__(self, tree: TreeArrays, lam: float, key: str, mean_for_missing: bool):
+        if math.isinf(lam):
+            raise ValueError("ChildDraws needs a finite lam (lam = inf draws among the maxima)")
+        self.tree, self.lam, self.key, self.mean_for_missing = tree, lam, key, mean_for_missing
+        self.index: dict[int, tuple[float, Fenwick, Fenwick, list[float]]] = {}  # node -> (ref, w, missing, [peak])
+        self.weight, self.missing = np.zeros(tree.capacity), np.zeros(tree.capacity)
+
+    def _weights(self, kids: np.ndarray, ref: float) -> tuple[np.ndarray, np.ndarray]:
+        keys = getattr(self.tree, f"{self.key}_np")[kids]
+        done = self.tree.done_np[kids]
+        missing = done & np.isnan(keys)
+        with np.errstate(invalid="ignore"):
+            weight = np.where(done & ~missing, np.exp(self.lam * (keys - ref)), 0.0)
+        return weight, missing.astype(np.float64)
+
+    def _build(self, node: int) -> None:
+        tree = self.tree
+        kids = tree.children(node)
+        keys = getattr(tree, f"{self.key}_np")[kids]
+        known = tree.done_np[kids] & ~np.isnan(keys)
+        ref = float(keys[known].max()) if known.any() else 0.0
+        weight, missing = self._weights(kids, ref)
+        slots = 1 << (2 * kids.size - 1).bit_length()  # room to double
+        self.weight[kids], self.missing[kids] = weight, missing
+        padded = np.zeros(slots)
+        padded[: kids.size] = weight
+        flags = np.zeros(slots)
+        flags[: kids.size] = missing
+        self.index[node] = (ref, Fenwick(padded), Fenwick(flags), [max(float(weight.max(initial=0.0)), 1e-300)])
+
+    def _fit(self) -> TreeArrays:
+        """Per-node columns as long as the tree's."""
+        extra = self.tree.capacity - self.weight.size
+        if extra > 0:
+            self.weight = np.concatenate([self.weight, np.zeros(extra)])
+            self.missing = np.concatenate([self.missing, np.zeros(extra)])
+        return self.tree
+
+    def update(self, child: int) -> None:
+        """`child` finished, or its key changed: its parent's index follows (built once the parent is wide)."""
+        tree = self._fit()
+        parent = int(tree.parent_np[child])
+        entry = self.index.get(parent)
+        if entry is None:
+            if parent >= 0 and tree.child_count_np[parent] >= MIN_INDEXED_CHILDREN:
+                self._build(parent)
+            return
+        ref, weights, missing, peak = entry
+        slot = int(tree.sibling_np[child])
+        key = float(getattr(tree, f"{self.key}_np")[child])
+        if slot >= weights.size or (not math.isnan(key) and self.lam * (key - ref) > 600):
+            self._build(parent)  # out of room, or the weight would overflow: rebuild around the new maximum
+            return
+        weight, flag = self._weights(np.array([child]), ref)
+        weight, flag = float(weight[0]), float(flag[0])
+        if weight != self.weight[child]:
+            weights.add(slot, weight - self.weight[child])
+            self.weight[child] = weight
+            peak[0] = max(peak[0], weight)
+        if flag != self.missing[child]:
+            missing.add(slot, flag - self.missing[child])
+            self.missing[child] = flag
+
+    def draw(self, node: int, uniform: float) -> int | None:
+        """The child of `node` that a Boltzmann draw with `uniform` picks; None without an index (or if rounding
+        leaves the search past the last child): the caller draws from all children with the same uniform."""
+        entry = self.index.get(node)
+        if entry is None:
+            return None
+        if entry[1].total() < CANCELLED_TOTAL * entry[3][0]:
+            self._build(node)
+            entry = self.index[node]
+        _, weights, missing, _ = entry
+        total, unknown = weights.total(), round(missing.total())
+        known = self._fit().finished_children(node) - unknown  # finished children with a key
+        per_missing = (total / known if known else 1.0) if self.mean_for_missing else 0.0
+        slot = weighted_search(weights, missing, per_missing, uniform * (total + per_missing * unknown))
+        kids = self.tree.children(node)
+        if slot >= kids.size or self.weight[kids[slot]] + per_missing * self.missing[kids[slot]] == 0:
+            return None
+        return int(kids[slot])

@@ -584,3 +584,25 @@ def test_a_deep_copy_continues_exactly_as_the_original_would():
     assert copied.tree.size > 1024  # the node arrays grew after the copy
     assert once.stats() | {"timings": None} == copied.stats() | {"timings": None}
     assert torch.equal(once.sample(50), copied.sample(50))
+
+
+@pytest.mark.parametrize("estimator", ["paper", "held-out"])
+def test_indexed_boltzmann_selection_builds_the_tree_a_pass_over_the_children_builds(estimator, monkeypatch):
+    """With every node indexed (ChildDraws from two children on), the tree equals the one drawn by rng.choice over
+    all children: the same uniform picks the same child."""
+    import dts_diffusers.tree as tree_module
+
+    plain = make(seed=8, estimator=estimator, widening=Widening.uniform(1.0, 0.5))
+    plain._draws = None  # rng.choice over every finished child, as before the index
+    plain.run(4000)
+    monkeypatch.setattr(tree_module, "MIN_INDEXED_CHILDREN", 2)
+    indexed = make(seed=8, estimator=estimator, widening=Widening.uniform(1.0, 0.5))
+    drawn = []
+    draw = indexed._draws.draw
+    indexed._draws.draw = lambda node, u: drawn.append(draw(node, u)) or drawn[-1]
+    indexed.run(4000)
+    assert sum(child is not None for child in drawn) > 500
+    size = plain.tree.size
+    assert indexed.tree.size == size
+    assert np.array_equal(plain.tree.parent_np[:size], indexed.tree.parent_np[:size])
+    assert np.array_equal(plain.tree.seed_np[:size], indexed.tree.seed_np[:size])
