@@ -11,7 +11,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from dts_diffusers.defaults import FLUX
-from dts_diffusers.options import TreeOptions, check_integer, check_real
+from dts_diffusers.options import TreeOptions, check_real
 from dts_diffusers.schedulers import FlowTransition
 
 from .output import DTSPipelineOutput
@@ -109,7 +109,6 @@ class DTSFluxPipeline(FlowMatchingMixin, FluxPipeline):
         num_inference_steps, guidance_scale = self._fill_run_defaults(num_inference_steps, guidance_scale)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        self._check_patch_size(height, width)
         options, tensor_inputs = self._check_tree_inputs(
             tree_options=tree_options, kwargs=kwargs, height=height, width=width, nfe_budget=nfe_budget,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images_per_prompt, eta=eta,
@@ -191,18 +190,10 @@ class DTSFluxPipeline(FlowMatchingMixin, FluxPipeline):
     def _embedding_width(self) -> tuple[int, str]:
         return self.transformer.config.joint_attention_dim, "the transformer's joint_attention_dim"
 
-    def _check_patch_size(self, height, width) -> None:
+    def _image_size_multiple(self) -> tuple[int, str]:
         """The latents are packed in 2x2 patches, so the image sides are multiples of twice the VAE's factor; the
         parent would crop to one with a warning, which would make the tree's images smaller than asked."""
-        multiple = 2 * self.vae_scale_factor
-        height = check_integer("height", height, f"a multiple of {multiple}")
-        width = check_integer("width", width, f"a multiple of {multiple}")
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height and width must be divisible by {multiple} (the VAE's factor {self.vae_scale_factor} times "
-                f"FLUX's 2x2 patches; got {height}x{width}); e.g. "
-                f"{max(height // multiple, 1) * multiple}x{max(width // multiple, 1) * multiple}"
-            )
+        return 2 * self.vae_scale_factor, f"the VAE's factor {self.vae_scale_factor} times FLUX's 2x2 patches"
 
     def _transition(
         self, scheduler, denoise: Callable, num_inference_steps: int, eta: float, latent_shape: tuple[int, ...]

@@ -235,13 +235,13 @@ class TreeSearchMixin:
                 raise ValueError(f"{name}= is not supported by {type(self).__name__}: {unsupported[name]}")
             raise TypeError(f"{type(self).__name__}.__call__() got an unexpected keyword argument {name!r}")
         options = TreeOptions.build(tree_options, **changes)
-        factor = self.vae_scale_factor
-        height = check_integer("height", height, f"a multiple of the VAE scale factor {factor}")
-        width = check_integer("width", width, f"a multiple of the VAE scale factor {factor}")
-        if height % factor or width % factor:
+        multiple, why = self._image_size_multiple()
+        height = check_integer("height", height, f"a multiple of {multiple}")
+        width = check_integer("width", width, f"a multiple of {multiple}")
+        if height % multiple or width % multiple:
             raise ValueError(
-                f"height and width must be divisible by the VAE scale factor {factor} (got {height}x{width}); "
-                f"e.g. {max(height // factor, 1) * factor}x{max(width // factor, 1) * factor}"
+                f"height and width must be divisible by {multiple} ({why}; got {height}x{width}); "
+                f"e.g. {max(height // multiple, 1) * multiple}x{max(width // multiple, 1) * multiple}"
             )
         steps = check_integer("num_inference_steps", num_inference_steps, "the denoising steps of one rollout, e.g. 50")
         check_integer("num_images_per_prompt", num_images_per_prompt, "the images drawn from each prompt's tree")
@@ -326,6 +326,10 @@ class TreeSearchMixin:
     def _tree_fields(self) -> dict:
         """What else a tree was built for, beyond `TREE_FIELDS`, that `tree=` must match (FLUX: true_cfg_scale)."""
         return {}
+
+    def _image_size_multiple(self) -> tuple[int, str]:
+        """What image sides must be a multiple of, and why (for the error message)."""
+        return self.vae_scale_factor, f"the VAE scale factor {self.vae_scale_factor}"
 
     def _embedding_width(self) -> tuple[int, str]:
         """The width prompt embeddings must have, and what sets it (for the error message)."""

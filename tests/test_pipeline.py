@@ -424,7 +424,7 @@ def test_from_pipe_to_and_scheduler_swap(sd_path):
         ({"callback_on_step_end": MultiPipelineCallbacks([])}, ValueError, "fn.pipe, step, nfe, callback_kwargs"),
         ({"callback_on_step_end": "stop"}, TypeError, "callback_on_step_end must be callable"),
         ({"branch_levels": [STEPS + 1]}, ValueError, "branch levels must lie in 1..num_steps"),
-        ({"height": 15}, ValueError, "divisible by the VAE scale factor 2"),
+        ({"height": 15}, ValueError, r"divisible by 2 \(the VAE scale factor 2"),
         ({"latents": torch.zeros(1, 4, 8, 8)}, ValueError, "latents= is not supported"),
         ({"ip_adapter_image": PIL.Image.new("RGB", (8, 8))}, ValueError, "IP-Adapter"),
         ({"timesteps": [999, 500]}, ValueError, "custom schedules"),
