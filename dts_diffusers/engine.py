@@ -255,6 +255,10 @@ class DTS:
 
     ``widening`` (a `Widening`, or ``"default"`` / ``"paper"``: c = 2, α = 0.8 at every node) limits the children of
     the top-down rules (every estimator but sampling with ``"frontier"``, whose levels take equal expansion counts).
+
+    Latents live on ``latent_device`` under ``latent_budget_bytes`` (None: no bound off the GPU, half the free memory
+    on CUDA); past it the least recently used are evicted and replayed from their seeds when needed (counted in
+    ``replayed_nfe``), all those a draw needs together, one batched call per level.
     """
 
     def __init__(
