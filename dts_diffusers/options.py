@@ -113,7 +113,7 @@ class TreeOptions:
     c_uct: exploration constant of search mode.
     rollout_batch_size: rollouts denoised together (a UNet batch is twice this with classifier-free guidance).
     latent_cache_bytes / latent_cache_device: bound and place the tree's stored latents; evicted ones are replayed
-        from their seeds.
+        from their seeds (None: no bound on the CPU, half the free memory on a CUDA latent device).
     """
 
     lam: float = 1.0
@@ -153,7 +153,7 @@ class TreeOptions:
         batch = check_integer("rollout_batch_size", self.rollout_batch_size, "rollouts denoised together, e.g. 16")
         self._set("rollout_batch_size", batch)
         if self.latent_cache_bytes is not None:
-            bound = check_integer("latent_cache_bytes", self.latent_cache_bytes, "a bound in bytes, or None for none")
+            bound = check_integer("latent_cache_bytes", self.latent_cache_bytes, "a bound in bytes, or None for the default")
             self._set("latent_cache_bytes", bound)
         if self.latent_cache_device is not None:
             self._set("latent_cache_device", check_device("latent_cache_device", self.latent_cache_device))
