@@ -153,7 +153,7 @@ class TreeOptions:
         batch = check_integer("rollout_batch_size", self.rollout_batch_size, "rollouts denoised together, e.g. 16")
         self._set("rollout_batch_size", batch)
         if self.latent_cache_bytes is not None:
-            bound = check_integer("latent_cache_bytes", self.latent_cache_bytes, "a bound in bytes, or None for the default")
+            bound = check_integer("latent_cache_bytes", self.latent_cache_bytes, "a bound in bytes, or None")
             self._set("latent_cache_bytes", bound)
         if self.latent_cache_device is not None:
             self._set("latent_cache_device", check_device("latent_cache_device", self.latent_cache_device))
