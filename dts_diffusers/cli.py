@@ -1132,7 +1132,7 @@ def prompt_folder(index: int) -> str:
     return f"prompt-{index:05d}"
 
 
-def run_prompt(pipe, target: dict, index: int, args, settings: dict, reward, out: Path) -> dict:
+def run_prompt(pipe, target: dict, index: int, args, settings: dict, options: dict, reward, out: Path) -> dict:
     """One prompt, seeded by its index, written whole: images and record go to a hidden staging folder that is renamed
     to prompt-NNNNN/ only when complete, so a prompt's folder is finished or absent."""
     import torch
@@ -1147,7 +1147,7 @@ def run_prompt(pipe, target: dict, index: int, args, settings: dict, reward, out
             reward=reward,
             nfe_budget=settings["nfe_budget"],
             generator=torch.Generator("cpu").manual_seed(seed),
-            **call_options(args, settings),
+            **options,
         )
         image_files = []
         for image_index, image in enumerate(output.images):
@@ -1220,7 +1220,9 @@ class FolderLock:
         self.handle.close()  # closing drops the flock; the file stays, so no second run can lock a fresh inode
 
 
-def batch_settings(args: argparse.Namespace, settings: dict, targets: list[dict], name: str, dtype) -> dict:
+def batch_settings(
+    args: argparse.Namespace, settings: dict, options: dict, targets: list[dict], name: str, dtype
+) -> dict:
     """Everything a prompt's result depends on: a resumed run must match it exactly (the device count need not)."""
     return jsonable(
         {
@@ -1230,7 +1232,7 @@ def batch_settings(args: argparse.Namespace, settings: dict, targets: list[dict]
             "reward_model": args.reward_model,
             "reward_options": parse_pairs(args.reward_option, "--reward-option"),
             "settings": settings,
-            "call": call_options(args, settings),
+            "call": options,
             "seed": args.seed,
             "dtype": str(dtype).removeprefix("torch."),
         }
@@ -1301,7 +1303,7 @@ def command_batch(args: argparse.Namespace) -> dict | None:
     name = reward_name(args)
     targets = batch_targets(read_prompts(args.prompts), args, name)
     settings = run_settings(args)
-    tree_options(args, settings)  # checks the tree's flags before anything loads
+    options = call_options(args, settings)  # the tree options, checked once before anything loads
     model, offline = resolve_model(args.model)
     loader_options = reward_options(args, name)
     # torchrun without CUDA: gloo on the CPU, not a CUDA backend that falls back to a single process per rank
@@ -1311,7 +1313,7 @@ def command_batch(args: argparse.Namespace) -> dict | None:
     dtype = resolve_dtype(args.dtype, device)
     limit_threads(args, device)
     out = args.out.resolve()
-    run = batch_settings(args, settings, targets, name, dtype)
+    run = batch_settings(args, settings, options, targets, name, dtype)
 
     def prepare() -> tuple[FolderLock, int]:
         lock = open_batch_folder(out, run, args.overwrite)
@@ -1335,7 +1337,7 @@ def command_batch(args: argparse.Namespace) -> dict | None:
             for index, target in bar:
                 if finished_record(out, index, target, args.seed + index) is not None:
                     continue  # an earlier run finished it
-                run_prompt(pipe, target, index, args, settings, reward_for(target["digit"]), out)
+                run_prompt(pipe, target, index, args, settings, options, reward_for(target["digit"]), out)
         state.wait_for_everyone()
         if not state.is_main_process:
             return None

@@ -260,7 +260,7 @@ def sample_dts(
     interrupt: Callable[[], object] | None = None,
     info: dict | None = None,
     tree: SearchTree | None = None,
-    **options,
+    **option_fields,
 ) -> torch.Tensor:
     """Run `method` (any of `dts_diffusers.methods.METHODS`) over `sigmas` and return `num_outputs` samples.
 
@@ -280,7 +280,7 @@ def sample_dts(
     `seed` is then unused (the tree's own random streams go on). The given tree is not changed: a copy grows.
     Returns a tensor shaped like `x` with `num_outputs` rows (default: as many as `x`).
     """
-    changes, unknown = TreeOptions.split_keywords(options)
+    changes, unknown = TreeOptions.split_keywords(option_fields)
     if unknown:
         raise TypeError(f"sample_dts() got an unexpected keyword argument {next(iter(unknown))!r}")
     options = TreeOptions.build(tree_options, **changes)
