@@ -154,7 +154,9 @@ class DepthFirstSearch(RewardCalls):
     def run(self, nfe_budget: int, callback: Callable[[DepthFirstSearch], object] | None = None) -> DepthFirstSearch:
         """Spend at most `nfe_budget` more NFE on dives; a later call continues (running dives included).
 
-        `callback(self)` runs after every transition call once a dive has finished; a truthy return stops early.
+        `callback(self)` runs after every transition call once a dive has finished; a truthy return stops early and
+        drops the rest of the budget granted so far: a later `run(b)` spends at most b more, finishing the running
+        dives first.
         """
         if not isinstance(nfe_budget, int | np.integer) or nfe_budget < 0:
             raise ValueError(f"nfe_budget must be a non-negative integer (got {nfe_budget!r})")
@@ -173,6 +175,7 @@ class DepthFirstSearch(RewardCalls):
             level = max(counts, key=lambda lvl: (counts[lvl], lvl))
             self._advance([dive for dive in self._dives if dive.level == level][: self.batch_size], level)
             if self._rewards and callback is not None and callback(self):
+                self._nfe_target = self.nfe
                 return self
 
     def sample(self, n: int, return_rewards: bool = False):

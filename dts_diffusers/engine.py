@@ -394,7 +394,8 @@ class DTS:
         """Spend at most `nfe_budget` more NFE growing the tree; a later call continues the same tree.
 
         Budgets accumulate, so `run(b)` twice builds the same tree as `run(2 * b)`. `callback(self)` runs after every
-        batch; a truthy return stops early (the tree stays valid and can be continued).
+        batch; a truthy return stops early (the tree stays valid and can be continued) and drops the rest of the
+        budget granted so far, so a later `run(b)` spends at most b more, not b plus what the stop left.
         """
         if not isinstance(nfe_budget, int | np.integer) or nfe_budget < 0:
             raise ValueError(f"nfe_budget must be a non-negative integer (got {nfe_budget!r})")
@@ -423,6 +424,7 @@ class DTS:
                 return self
             self._execute(batch)
             if callback is not None and callback(self):
+                self._nfe_target = self.nfe
                 return self
 
     def sample(self, n: int, return_rewards: bool = False):

@@ -212,6 +212,7 @@ class ParticleSearch(RewardCalls):
         while (size := min(self.num_particles, (self._nfe_target - self.nfe) // self.particle_cost)) >= 1:
             self._populations.append(self._run_population(size))
             if callback is not None and callback(self):
+                self._nfe_target = self.nfe  # an early stop drops the rest: a later run(b) spends at most b
                 break
         return self
 

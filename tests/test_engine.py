@@ -82,10 +82,15 @@ def test_sibling_spread_pools_the_variance_within_parents():
 
 
 def test_neyman_level_allocation_moves_expansions_to_where_outcomes_still_vary():
-    dts = make(seed=0, level_allocation="neyman").run(20_000)
-    counts = dts._expansions_by_level
-    assert counts[4] < 0.6 * min(counts[lv] for lv in (8, 12, 16))  # the last steps barely change a bimodal outcome
-    assert dts.stats()["draw_eligible_leaves"] == dts.stats()["leaves"]
+    """The last steps barely change a bimodal outcome: level 4 gets fewer expansions than the levels above it (the
+    fixed rule gives every level the same count) on every seed, and well under them on the median seed."""
+    ratios = []
+    for seed in range(5):
+        dts = make(seed=seed, level_allocation="neyman").run(20_000)
+        counts = dts._expansions_by_level
+        ratios.append(counts[4] / min(counts[lv] for lv in (8, 12, 16)))
+        assert dts.stats()["draw_eligible_leaves"] == dts.stats()["leaves"]
+    assert max(ratios) < 0.9 and float(np.median(ratios)) < 0.7, ratios
     with pytest.raises(ValueError, match="level_allocation must be one of"):
         make(level_allocation="greedy")
 

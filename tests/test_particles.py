@@ -65,6 +65,22 @@ def test_every_method_honours_the_budget_and_seed(method):
     assert torch.equal(a.sample(16), b.sample(16))
 
 
+@pytest.mark.parametrize("method", ["dts", "dts*", "dts-paper", "best-of-n", "smc", "dfs"])
+def test_an_early_stop_drops_the_rest_of_the_budget(method):
+    """A callback that stops a run early leaves nothing of that run's budget behind: a later run(b) spends at most
+    b more (not b plus what the stop left), and does spend it."""
+    chain = TASK.chain
+    sampler = build_sampler(
+        method, chain.prior, chain.transition, TASK.reward, 20, lam=1.5, seed=3, renoise=chain.renoise,
+        num_particles=8, batch_size=4,
+    )  # fmt: skip
+    sampler.run(2000, callback=lambda s: True)
+    stopped = sampler.nfe
+    assert 0 < stopped <= 200
+    sampler.run(300)
+    assert stopped + 200 < sampler.nfe <= stopped + 300
+
+
 def test_best_of_n_importance_resampling_targets_pi_star():
     bon = build_sampler("best-of-n", TASK.chain.prior, TASK.chain.transition, TASK.reward, 20, lam=1.5, seed=0)
     mass = (bon.run(40_000).sample(4000) > 0).float().mean().item()
