@@ -391,6 +391,22 @@ def local_model_index(model: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
+def model_index(model: str) -> Path | None:
+    """`local_model_index`; for a hub id not downloaded yet, that one file fetched from the Hub (a few hundred bytes,
+    which loading fetches anyway) once the Hub has answered for the id (`check_source`: an unreachable Hub or an
+    unknown id fails here, in one request), unless HF_HUB_OFFLINE is set. None where the file cannot be had."""
+    index = local_model_index(model)
+    if index is not None or looks_like_path(model) or hub_offline():
+        return index
+    from huggingface_hub import hf_hub_download
+
+    check_source(model, "--model", model_download_hint(model))
+    try:
+        return Path(hf_hub_download(model, "model_index.json", etag_timeout=10))
+    except (OSError, ValueError):  # unreachable, unknown or not a hub id
+        return None
+
+
 def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
     """Load a folder or hub id from `resolve_model` with the DTS pipeline of its model_index.json.
 
@@ -416,10 +432,11 @@ def is_bundled(args: argparse.Namespace) -> bool:
 
 def defaults_for(args: argparse.Namespace) -> RunDefaults:
     """The bundled model's; else the family of the pipeline its model_index.json names (SD, SDXL, SD3, FLUX) with a
-    folder's dts_defaults.json, as the pipelines fill them. A hub id not downloaded yet gets Stable Diffusion's."""
+    folder's dts_defaults.json, as the pipelines fill them (a hub id's model_index.json is fetched first if need be:
+    a FLUX id must not run with Stable Diffusion's 50 steps). Where that file cannot be had: Stable Diffusion's."""
     if is_bundled(args):
         return BUNDLED
-    index = local_model_index(args.model)
+    index = model_index(args.model)
     if index is None:
         return ANY_MODEL
     try:

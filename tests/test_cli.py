@@ -440,9 +440,46 @@ def test_an_unknown_pipeline_class_names_the_supported_ones_before_loading(tmp_p
     assert all(f"{name} ({pipeline})" in error for name, pipeline, _ in FAMILIES)
 
 
-def test_a_hub_id_not_downloaded_yet_gets_stable_diffusions_defaults(no_hub):
+def test_a_hub_id_not_downloaded_yet_gets_its_familys_defaults_from_its_model_index(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import HfApi, constants
+
+    from dts_diffusers import defaults
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kwargs: asked.append((repo_id, "model_info")))
+
+    def fetch(repo_id, filename, **options):  # the Hub's answer: FLUX's model_index.json, nothing else
+        asked.append((repo_id, filename))
+        path = tmp_path / "fetched" / filename
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"_class_name": "FluxPipeline"}))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
     args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", "owner/flux-model"])
-    assert cli.defaults_for(args) == cli.ANY_MODEL  # nothing asked of the Hub: no_hub fails any request
+    assert cli.defaults_for(args) == defaults.FLUX  # 28 steps, guidance 3.5: not Stable Diffusion's 50 and 7.5
+    assert cli.run_settings(args)["steps"] == 28
+    assert asked[:2] == [("owner/flux-model", "model_info"), ("owner/flux-model", "model_index.json")]
+
+
+def test_a_hub_id_whose_model_index_cannot_be_had_gets_stable_diffusions_defaults(no_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", "owner/flux-model"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli.defaults_for(args) == cli.ANY_MODEL  # offline: nothing asked of the Hub (no_hub fails any request)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kwargs: None)  # the Hub knows the id
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)  # but the file does not come
+    assert cli.defaults_for(args) == cli.ANY_MODEL
 
 
 @pytest.fixture(scope="module")
