@@ -11,6 +11,7 @@ bundled tiny digits model and the `digit-classifier` reward, offline on CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -32,7 +33,7 @@ from dts_diffusers.defaults import BUNDLED_MODEL_DIR, STABLE_DIFFUSION, RunDefau
 
 BUNDLED = model_defaults(BUNDLED_MODEL_DIR)  # the bundled model's own, from its dts_defaults.json
 ANY_MODEL = STABLE_DIFFUSION
-# model_index.json's _class_name -> the DTS pipeline that loads the folder (and whose _run_family gives its defaults)
+# model_index.json's _class_name -> the DTS pipeline that loads the folder (its family_defaults: the run defaults)
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "DTSPipeline",
     "StableDiffusionXLPipeline": "DTSXLPipeline",
@@ -392,9 +393,10 @@ def local_model_index(model: str) -> Path | None:
 
 
 def model_index(model: str) -> Path | None:
-    """`local_model_index`; for a hub id not downloaded yet, that one file fetched from the Hub (a few hundred bytes,
-    which loading fetches anyway) once the Hub has answered for the id (`check_source`: an unreachable Hub or an
-    unknown id fails here, in one request), unless HF_HUB_OFFLINE is set. None where the file cannot be had."""
+    """`local_model_index`; for a hub id not downloaded yet, that file (and a transformer's config.json) fetched
+    from the Hub (a few hundred bytes each, which loading fetches anyway) once the Hub has answered for the id
+    (`check_source`: an unreachable Hub or an unknown id fails here, in one request), unless HF_HUB_OFFLINE is set.
+    None where the file cannot be had."""
     index = local_model_index(model)
     if index is not None or looks_like_path(model) or hub_offline():
         return index
@@ -402,9 +404,12 @@ def model_index(model: str) -> Path | None:
 
     check_source(model, "--model", model_download_hint(model))
     try:
-        return Path(hf_hub_download(model, "model_index.json", etag_timeout=10))
+        index = Path(hf_hub_download(model, "model_index.json", etag_timeout=10))
     except (OSError, ValueError):  # unreachable, unknown or not a hub id
         return None
+    with contextlib.suppress(OSError, ValueError):  # where the family's models differ by it (FLUX.1-schnell)
+        hf_hub_download(model, "transformer/config.json", etag_timeout=10)
+    return index
 
 
 def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
@@ -444,9 +449,18 @@ def defaults_for(args: argparse.Namespace) -> RunDefaults:
     except (OSError, ValueError) as error:
         raise CLIError(f"--model {args.model}: {index} is not a readable JSON file ({error})") from error
     try:
-        return model_defaults(index.parent, dts_pipeline_class(class_name, args.model)._run_family)
+        family = dts_pipeline_class(class_name, args.model).family_defaults(transformer_config(index.parent))
+        return model_defaults(index.parent, family)
     except ValueError as error:  # a broken dts_defaults.json
         raise CLIError(f"--model {args.model}: {error}") from error
+
+
+def transformer_config(folder: Path) -> dict | None:
+    """A pipeline folder's transformer/config.json, where it has one that can be read (FLUX.1-schnell's differs)."""
+    try:
+        return json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def reward_name(args: argparse.Namespace) -> str:
@@ -947,8 +961,8 @@ def command_generate(args: argparse.Namespace) -> dict:
 
     check_run_arguments(args)
     check_out_folder(args.out, args.overwrite)
+    name = reward_name(args)  # flag errors before run_settings, which may ask the Hub for a model's family
     settings = run_settings(args)
-    name = reward_name(args)
     prompt, digit = generate_target(args, name)
     options = call_options(args, settings)
     model, offline = resolve_model(args.model)

@@ -35,6 +35,7 @@ STABLE_DIFFUSION = RunDefaults(steps=50, guidance_scale=7.5, branch_every=10, ro
 STABLE_DIFFUSION_XL = replace(STABLE_DIFFUSION, guidance_scale=5.0)  # diffusers' SDXL default
 STABLE_DIFFUSION_3 = replace(STABLE_DIFFUSION, steps=28, guidance_scale=7.0)  # diffusers' SD3 defaults
 FLUX = replace(STABLE_DIFFUSION, steps=28, guidance_scale=3.5)  # FluxPipeline's (FLUX.1-dev's) defaults
+FLUX_SCHNELL = replace(FLUX, steps=4, guidance_scale=0.0)  # timestep-distilled FLUX.1-schnell: 4 steps, no guidance
 
 
 def model_defaults(folder: str | Path | None, family: RunDefaults = STABLE_DIFFUSION) -> RunDefaults:

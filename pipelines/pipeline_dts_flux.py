@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from dts_diffusers.defaults import FLUX
+from dts_diffusers.defaults import FLUX, FLUX_SCHNELL, RunDefaults
 from dts_diffusers.options import TreeOptions, check_real
 from dts_diffusers.schedulers import FlowTransition
 
@@ -53,6 +53,14 @@ class DTSFluxPipeline(FlowMatchingMixin, FluxPipeline):
     _do_true_cfg = False  # set by each call
     _true_cfg_scale = 1.0
 
+    @classmethod
+    def family_defaults(cls, transformer_config: Mapping | None = None) -> RunDefaults:
+        """FLUX.1-dev's 28 steps / guidance 3.5; a transformer without a guidance input (FLUX.1-schnell, distilled to
+        few steps) 4 / 0."""
+        if transformer_config is not None and not transformer_config.get("guidance_embeds", True):
+            return FLUX_SCHNELL
+        return FLUX
+
     @torch.no_grad()
     def __call__(
         self,
@@ -93,9 +101,10 @@ class DTSFluxPipeline(FlowMatchingMixin, FluxPipeline):
         method, method_options, branch_every / branch_levels, widening, c_uct, rollout_batch_size, latent_cache_bytes /
         latent_cache_device; vae_batch_size, tree, callback_on_step_end, generator) are `DTSPipeline.__call__`'s; all
         but the two prompts are keyword-only. The rest are FluxPipeline's, except:
-            num_inference_steps / guidance_scale: left out, the model folder's `dts_defaults.json`, else FLUX's 28 /
-                3.5. guidance_scale is the transformer's guidance input (guidance-distilled models such as
-                FLUX.1-dev; FLUX.1-schnell has none and ignores it), so one NFE is one transformer row.
+            num_inference_steps / guidance_scale: left out, the model folder's `dts_defaults.json`, else FLUX.1-dev's
+                28 / 3.5 (a transformer without guidance input, FLUX.1-schnell: 4 / 0). guidance_scale is the
+                transformer's guidance input (guidance-distilled models such as FLUX.1-dev; FLUX.1-schnell has none
+                and ignores it), so one NFE is one transformer row.
             true_cfg_scale with negative_prompt (or negative embeddings): true classifier-free guidance; one NFE is
                 then one guided step of one sample, two transformer rows (counted in `output.unet_evals`).
             height / width: multiples of 16 (the VAE's 8 times FLUX's 2x2 patches); others raise.

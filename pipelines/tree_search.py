@@ -7,7 +7,7 @@ which grows one tree per prompt with the engine and draws the images from it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -197,10 +197,18 @@ class TreeSearchMixin:
     _run_family: ClassVar[RunDefaults] = STABLE_DIFFUSION
     _eta_fix = "DDIM's noise scale; eta > 0 (the paper uses eta=1), eta=0 makes children identical"
 
+    @classmethod
+    def family_defaults(cls, transformer_config: Mapping | None = None) -> RunDefaults:
+        """The family's run defaults (`_run_family`); a family whose models differ by their transformer's config
+        (FLUX.1-dev / -schnell) picks by `transformer_config`, the `dts` command by the folder's file."""
+        return cls._run_family
+
     def _fill_run_defaults(self, num_inference_steps: int | None, guidance_scale: float | None) -> tuple:
         """Steps and guidance left out (None): the model folder's `dts_defaults.json`, else the pipeline family's
-        (`_run_family`), the same file and table the `dts` command reads."""
-        defaults = model_defaults(getattr(self.config, "_name_or_path", None), self._run_family)
+        (`family_defaults`), the same file and table the `dts` command reads."""
+        transformer = getattr(self, "transformer", None)
+        family = self.family_defaults(None if transformer is None else transformer.config)
+        defaults = model_defaults(getattr(self.config, "_name_or_path", None), family)
         steps = defaults.steps if num_inference_steps is None else num_inference_steps
         return steps, defaults.guidance_scale if guidance_scale is None else guidance_scale
 

@@ -429,6 +429,18 @@ def test_model_index_picks_the_pipeline_and_its_run_defaults(tmp_path, class_nam
     assert cli.defaults_for(args) == dataclasses.replace(getattr(defaults, family), steps=3)  # the folder's own
 
 
+def test_a_flux_folder_without_guidance_input_gets_schnells_defaults(tmp_path):
+    from dts_diffusers import defaults
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": False}))
+    args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", str(tmp_path)])
+    assert cli.defaults_for(args) == defaults.FLUX_SCHNELL  # 4 steps, not FLUX.1-dev's 28
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"guidance_embeds": True}))
+    assert cli.defaults_for(args) == defaults.FLUX
+
+
 def test_an_unknown_pipeline_class_names_the_supported_ones_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_pipeline", never_called)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
@@ -451,18 +463,19 @@ def test_a_hub_id_not_downloaded_yet_gets_its_familys_defaults_from_its_model_in
     asked = []
     monkeypatch.setattr(HfApi, "model_info", lambda self, repo_id, **kwargs: asked.append((repo_id, "model_info")))
 
-    def fetch(repo_id, filename, **options):  # the Hub's answer: FLUX's model_index.json, nothing else
+    def fetch(repo_id, filename, **options):  # the Hub's answer: FLUX.1-schnell's model_index.json and transformer
         asked.append((repo_id, filename))
-        path = tmp_path / "fetched" / filename
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps({"_class_name": "FluxPipeline"}))
+        path = tmp_path / "snapshot" / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content = {"_class_name": "FluxPipeline"} if filename == "model_index.json" else {"guidance_embeds": False}
+        path.write_text(json.dumps(content))
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fetch)
     args = cli.build_parser().parse_args(["generate", "--out", "x", "--model", "owner/flux-model"])
-    assert cli.defaults_for(args) == defaults.FLUX  # 28 steps, guidance 3.5: not Stable Diffusion's 50 and 7.5
-    assert cli.run_settings(args)["steps"] == 28
-    assert asked[:2] == [("owner/flux-model", "model_info"), ("owner/flux-model", "model_index.json")]
+    assert cli.defaults_for(args) == defaults.FLUX_SCHNELL  # 4 steps, guidance 0: not Stable Diffusion's 50 and 7.5
+    assert cli.run_settings(args)["steps"] == 4
+    assert asked[:3] == [("owner/flux-model", f) for f in ("model_info", "model_index.json", "transformer/config.json")]
 
 
 def test_a_hub_id_whose_model_index_cannot_be_had_gets_stable_diffusions_defaults(no_hub, monkeypatch):

@@ -176,6 +176,8 @@ def test_a_schnell_like_model_has_no_guidance_input_and_steps_on_the_unshifted_s
     first = run(schnell, output_type="latent")
     torch.testing.assert_close(run(schnell, guidance_scale=1.0, output_type="latent").images, first.images)
     assert first.trees[0].transition.sigmas == [1.0, 0.75, 0.5, 0.25, 0.0]  # FluxPipeline's linspace(1, 1/N, N)
+    assert schnell._fill_run_defaults(None, None) == (4, 0.0)  # FLUX.1-schnell's 4 steps, not FLUX.1-dev's 28 / 3.5
+    assert pipe._fill_run_defaults(None, None) == (28, 3.5)
 
 
 def test_same_generator_same_images_other_seed_other_images(pipe):
