@@ -146,10 +146,9 @@ def make_sampler(task: ToyTask, method: str, options: dict, seed: int):
         task.num_steps,
         lam=task.lam,
         seed=seed,
-        branch_levels=task.branch_levels,
         batch_size=16,
         renoise=task.chain.renoise,
-        **options,
+        **{"branch_levels": task.branch_levels, **options},  # a sampler may bring its own
     )
 
 
