@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranking import first_reaching, ranking_table, write_atomically
+from ranking import first_reaching, parse_sampler, ranking_table, write_atomically
 from scipy import linalg
 
 from dts_diffusers import DTSPipeline, digits
@@ -297,7 +297,15 @@ def main() -> None:
     parser.add_argument(
         "--from-json", type=Path, default=None, help="rewrite the tables and plot of an earlier run's JSON, run nothing"
     )
+    parser.add_argument(
+        "--sampler",
+        action="append",
+        default=[],
+        metavar="LABEL=METHOD[:JSON]",
+        help="add a sampler to the sampling task (design experiments): 'DTS (β=1)=dts:{\"level_cost_exponent\":1}'",
+    )
     args = parser.parse_args()
+    TASKS["sampling"].update(map(parse_sampler, args.sampler))
     if args.from_json is not None:
         record = json.loads(args.from_json.read_text())
         settings = argparse.Namespace(**record["settings"])

@@ -1,7 +1,8 @@
-"""Report helpers shared by the benchmarks: ranking tables, first budgets reaching a target, atomic writes."""
+"""Helpers shared by the benchmarks: ranking tables, first budgets reaching a target, atomic writes, sampler specs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,3 +34,12 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
+    """'LABEL=METHOD[:JSON options]' -> (label, (method, options)), for side-by-side design experiments."""
+    head, brace, options = spec.partition(":{")
+    label, _, method = head.rpartition("=")  # the label may hold "=" (β=1), the method name does not
+    if not label or not method:
+        raise SystemExit(f"--sampler {spec!r}: expected LABEL=METHOD[:JSON options]")
+    return label, (method, json.loads("{" + options) if brace else {})

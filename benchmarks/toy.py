@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from engine_cost import bookkeeping_by_size
-from ranking import first_reaching, ranking_table, write_atomically
+from ranking import first_reaching, parse_sampler, ranking_table, write_atomically
 from scipy.stats import wasserstein_distance
 
 from dts_diffusers.methods import build_sampler
@@ -547,15 +547,6 @@ def save(report: dict, out: Path, name: str) -> str:
     write_atomically(out / f"{name}.md", table)
     plot(report, out / f"{name}.png")
     return table
-
-
-def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
-    """'LABEL=METHOD[:JSON options]' -> (label, (method, options)), for side-by-side design experiments."""
-    head, brace, options = spec.partition(":{")
-    label, _, method = head.rpartition("=")  # the label may hold "=" (β=1), the method name does not
-    if not label or not method:
-        raise SystemExit(f"--sampler {spec!r}: expected LABEL=METHOD[:JSON options]")
-    return label, (method, json.loads("{" + options) if brace else {})
 
 
 def main() -> None:
