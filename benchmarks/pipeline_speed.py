@@ -65,6 +65,7 @@ from diffusers import (
 )
 from dts_diffusers.pipelines import pipeline_dts
 from dts_diffusers.pipelines.timing import PhaseTimer
+from ranking import write_atomically
 
 from dts_diffusers import DTSPipeline, DTSSD3Pipeline, DTSXLPipeline
 from dts_diffusers.noise import philox_rows, randn_rows, row_generators
@@ -521,13 +522,6 @@ def summary(result: dict) -> dict:
         "dts_share": {phase: round(share, 4) for phase, share in methods["dts"]["phase_share"].items()},
         "noise_old_over_new": {k: round(v["old_over_new_complete_ms"], 2) for k, v in noise.items() if "batch" in k},
     }
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
 
 
 def plot(report: dict, path: Path) -> None:

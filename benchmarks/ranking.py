@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,10 +32,12 @@ def first_reaching(curve: dict, target: float, lower_is_better: bool = True) -> 
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write next to `path`, then rename: a failed run never leaves a half-written result."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write to a fresh file beside `path`, then rename: a failed run never leaves a half-written result, and two
+    runs writing at once never share a temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
 
 
 def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
