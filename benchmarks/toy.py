@@ -523,12 +523,23 @@ def empty_report(seeds: int, draws: int, quick: bool) -> dict:
     }
 
 
+def merge_sampling(old: dict, new: dict) -> dict:
+    """A sampling task's entry with `new`'s rows replacing `old`'s of the same samplers (the others kept)."""
+    methods = {row["method"] for row in new["rows"]}
+    rows = [row for row in old["rows"] if row["method"] not in methods] + new["rows"]
+    return new | {"budgets": old["budgets"], "rows": rows, "summary": {k: summarise(rows, k) for k in old["summary"]}}
+
+
 def merge(reports: list[dict]) -> dict:
-    """One report with the task entries of all (a later file's entry replaces an earlier one of the same task)."""
+    """One report with the task entries of all: a later file's search entry replaces an earlier one of the same task;
+    its sampling rows replace the earlier rows of the same samplers (so one sampler can be rerun alone)."""
     out = {k: v for k, v in reports[0].items() if k not in ("sampling", "search", "engine_cost")}
     out |= {"sampling": {}, "search": {}}
     for r in reports:
-        out["sampling"] |= r.get("sampling", {})
+        for task, entry in r.get("sampling", {}).items():
+            old = out["sampling"].get(task)
+            same = old is not None and old["budgets"] == entry["budgets"]
+            out["sampling"][task] = merge_sampling(old, entry) if same else entry
         out["search"] |= r.get("search", {})
         if r.get("engine_cost"):
             out["engine_cost"] = out.get("engine_cost", {}) | r["engine_cost"]

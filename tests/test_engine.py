@@ -50,12 +50,14 @@ def test_nested_and_held_out_estimators_are_unbiased_where_the_papers_rule_is_no
 
 
 def test_cost_aware_level_shares_spend_equal_nfe_per_level():
-    st = make(seed=0, level_cost_exponent=1.0).run(20_000).stats()
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=0).run(20_000).stats()
     costs = [20, 20, 16, 12, 8, 4]  # a new x_T seed, then a child of each node level, in NFE
     assert st["nfe_per_leaf"] == pytest.approx(len(costs) / sum(1 / c for c in costs), rel=0.02)
     spent = list(st["nfe_by_level"].values())
     assert len(spent) == len(costs) and max(spent) < 1.01 * min(spent)  # the root's key is its x_T seeds' level 21
-    assert 9.7 < make(seed=0, level_cost_exponent=0.5).run(20_000).stats()["nfe_per_leaf"] < 80 / 6  # equal counts
+    half = make(seed=0, level_cost_exponent=0.5, equal_share_levels=0).run(20_000).stats()["nfe_per_leaf"]
+    assert 9.7 < half < 80 / 6  # between equal NFE and equal counts
+    assert 9.7 < make(seed=0).run(20_000).stats()["nfe_per_leaf"] < 0.62 * 20  # the default: β = 0.75, k = 2
     with pytest.raises(ValueError, match="level_cost_exponent must lie in"):
         make(level_cost_exponent=2.0)
 
