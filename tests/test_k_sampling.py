@@ -168,7 +168,7 @@ def test_callback_and_interrupt():
     assert all(0 <= after - before <= 4 * 5 for before, after in zip([0, *nfes[:-1]], nfes, strict=True))
     assert {"x", "i", "sigma", "sigma_hat", "denoised"} <= set(events[0])
     assert [e["i"] for e in events] == sorted(e["i"] for e in events) and events[-1]["i"] == 4
-    assert events[-1]["nfe"] == 5 * 24
+    assert 5 * 24 - 5 < events[-1]["nfe"] <= 5 * 24  # to within one rollout: the frontier's rollouts differ in cost
 
     calls = []
     info = {}

@@ -450,7 +450,7 @@ def test_bad_input_raises_a_clear_error(pipe, kwargs, error, match):
 def test_numpy_integer_budget_is_an_integer(pipe):
     as_numpy = run(pipe, nfe_budget=np.int64(16), rollout_batch_size=np.int32(3), num_images_per_prompt=np.int16(2))
     np.testing.assert_array_equal(as_numpy.images, run(pipe, nfe_budget=16, num_images_per_prompt=2).images)
-    assert as_numpy.nfe == 16
+    assert 16 - STEPS < as_numpy.nfe <= 16  # the budget, to within one rollout
 
 
 def test_sdxl_from_pretrained_decodes_in_float32_when_the_vae_is_fp16(xl_path):
