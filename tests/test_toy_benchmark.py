@@ -1,0 +1,62 @@
+"""benchmarks/toy.py's summaries: how often a tree's run beats a baseline's, rebuilt from a committed report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROUND4 = BENCHMARKS / "results" / "toy_allocation_round4"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The benchmark script as a module; it imports its sibling `ranking` as the benchmark scripts do."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("toy_benchmark", BENCHMARKS / "toy.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def rows(method: str, budget: int, values: list[float]) -> list[dict]:
+    return [{"method": method, "seed": s, "budget": budget, "mmd": v} for s, v in enumerate(values)]
+
+
+def test_head_to_head_counts_every_pair_of_seeds_and_ties_half(toy):
+    entry = {
+        "distance": "mmd",
+        "rows": [
+            *rows("DTS", 10, [0.1, 0.3]),
+            *rows("best-of-N", 10, [0.2, 0.3]),  # pairs: 0.1<0.2, 0.1<0.3, 0.3>0.2, 0.3=0.3 -> (1 + 1 + 0 + 0.5) / 4
+            *rows("SMC", 10, [0.05, 0.06]),
+            *rows("DTS (paper)", 10, [0.01, 0.01]),  # the paper's rule is a reference, not a tree under test
+            *rows("DTS", 20, [0.2]),
+            *rows("best-of-N", 20, [0.1]),
+        ],
+    }
+    found = toy.head_to_head(entry)
+    assert set(found) == {"DTS"}
+    assert found["DTS"]["best-of-N"] == {"10": pytest.approx(0.625), "20": 0.0}
+    assert found["DTS"]["SMC"] == {"10": 0.0}
+
+
+def test_a_committed_report_rebuilds_with_head_to_head_lines(toy, tmp_path):
+    report = json.loads((ROUND4 / "s10b.json").read_text())
+    report["sampling"] = {"rare-mode-8d": report["sampling"]["rare-mode-8d"]}
+    text = toy.markdown(toy.finish(report))
+    entry = report["sampling"]["rare-mode-8d"]
+    share = entry["head_to_head"]["DTS (β=0.75, k=2)"]["best-of-N"]["100000"]
+    ours = [r["mmd"] for r in entry["rows"] if r["method"] == "DTS (β=0.75, k=2)" and r["budget"] == 100_000]
+    theirs = [r["mmd"] for r in entry["rows"] if r["method"] == "best-of-N" and r["budget"] == 100_000]
+    assert len(ours) == len(theirs) == 10
+    assert share == pytest.approx(sum(a < b for a in ours for b in theirs) / 100)
+    line = next(t for t in text.splitlines() if t.startswith("- DTS (β=0.75, k=2) is closer to π* than best-of-N"))
+    assert f"{100 * share:.0f} % at NFE 100000; than SMC" in line
