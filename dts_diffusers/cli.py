@@ -412,6 +412,14 @@ def model_index(model: str) -> Path | None:
     return index
 
 
+def dtype_keyword() -> str:
+    """from_pretrained's dtype argument: `dtype` where diffusers has renamed it (diffusers#14205, where `torch_dtype`
+    warns that it is deprecated), `torch_dtype` in the releases before."""
+    import diffusers.utils
+
+    return "dtype" if hasattr(diffusers.utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
     """Load a folder or hub id from `resolve_model` with the DTS pipeline of its model_index.json.
 
@@ -421,7 +429,8 @@ def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
         pipeline_class = pipeline_class_for(model, local_files_only)
         config = pipeline_class.load_config(model, local_files_only=local_files_only)
         absent = {name: None for name, value in config.items() if not name.startswith("_") and value == [None, None]}
-        pipe = pipeline_class.from_pretrained(model, torch_dtype=dtype, local_files_only=local_files_only, **absent)
+        options = {dtype_keyword(): dtype, "local_files_only": local_files_only}
+        pipe = pipeline_class.from_pretrained(model, **options, **absent)
     except (OSError, ValueError) as error:
         raise CLIError(f"--model {model}: could not load it as a diffusers pipeline ({error})") from error
     pipe.set_progress_bar_config(disable=True)  # the CLI draws one bar over the whole run instead

@@ -682,3 +682,15 @@ def test_a_batch_folder_is_locked_against_a_second_run(tmp_path, capsys, model, 
     (out / cli.LOCK_FILE).write_text("pid 999999999 on a-dead-host\n")  # a run that died: its lock is taken over
     assert cli.main(batch_arguments(tmp_path, model)) == 0
     assert (out / cli.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_load_pipeline_casts_to_the_dtype_without_a_deprecation_warning():
+    """diffusers renamed from_pretrained's torch_dtype to dtype; the CLI passes whichever the installed one takes."""
+    import warnings
+
+    from dts_diffusers import digits
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*torch_dtype.*")
+        pipe = cli.load_pipeline(str(digits.bundled_model_path()), "cpu", torch.float64)
+    assert pipe.unet.dtype == torch.float64 and pipe.vae.dtype == torch.float64
