@@ -359,8 +359,8 @@ def reaching_lines(entry: dict) -> list[str]:
 
 
 def head_to_head_lines(entry: dict) -> list[str]:
-    """A Markdown bullet per tree: how often its run is closer to π* than each baseline's, at the shown budgets."""
-    shown = [str(b) for b in shown_budgets(entry["budgets"])]
+    """A Markdown bullet per tree: how often its run is closer to π* than each baseline's, at every budget."""
+    shown = [str(b) for b in entry["budgets"]]
     lines = []
     for tree, against in entry.get("head_to_head", {}).items():
         parts = [

@@ -54,6 +54,7 @@ Reward = Callable[[torch.Tensor], torch.Tensor]
 LEVEL_ALLOCATIONS = ("fixed", "neyman")
 NEYMAN_WARMUP = 16  # children a level makes before its sibling spread steers the frontier's level shares
 NEYMAN_EVERY = 8  # batches between two measurements of the spreads
+EQUAL_SHARE_FRACTION = 0.2  # by default the levels expanded in the chain's first fifth (from x_T) take equal shares
 ESTIMATORS = ("nested", "frontier", "held-out", "paper")
 WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
@@ -103,6 +104,13 @@ def level_shares(open_levels: list[int], num_steps: int, beta: float, equal_top:
     weights = {lv: min(lv, num_steps) ** -beta for lv in rest}
     left = 1.0 - even * len(top)
     return {lv: even for lv in top} | {lv: left * w / sum(weights.values()) for lv, w in weights.items()}
+
+
+def high_noise_levels(open_levels: list[int], num_steps: int) -> int:
+    """How many of `open_levels` (the root's x_T seeds first) expand in the chain's first EQUAL_SHARE_FRACTION,
+    level ℓ > (1 − fraction)·T: where a trajectory commits to a mode, so where independent lineages count, however
+    densely the chain branches (two of six levels on 5 branch levels, three of eleven on a 100-step chain's ten)."""
+    return sum(level > (1 - EQUAL_SHARE_FRACTION) * num_steps for level in open_levels)
 
 
 def sibling_spread(values: np.ndarray, parents: np.ndarray) -> float:
@@ -236,9 +244,9 @@ class DTS:
       m(parent)·exp(κ·λ·Δh)/K(parent): SMC's resampling carried out over time, with the tree's reuse (rollouts start
       at every level). ``equal_share_levels`` k keeps the top k levels (the root's x_T seeds first) at the equal
       share 1/(levels + 1); ``level_cost_exponent`` β splits the rest ∝ cost^-β (a child at level ℓ costs ℓ NFE;
-      0: equal counts, 1: equal NFE). The defaults β = 0.75, k = 2 are the best measured (README: ten seeds on the
-      toy tasks and the digits benchmark); β = 0, k = 0 (every level alike) is better on a long chain whose outcome
-      is decided at high noise, at small budgets.
+      0: equal counts, 1: equal NFE). The defaults, β = 0.75 and k = None (the levels expanded in the chain's first
+      fifth, ℓ > 0.8·T: two on five branch levels, three on ten), are the best measured (README: ten seeds on the
+      toy tasks and the digits benchmark).
     - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
       ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
 
@@ -280,7 +288,7 @@ class DTS:
         search_greed: float = 4.0,
         search_backup: str = "max",
         level_cost_exponent: float = 0.75,
-        equal_share_levels: int = 2,
+        equal_share_levels: int | None = None,
         level_allocation: str = "fixed",
         batch_size: int = 16,
         seed: int = 0,
@@ -304,13 +312,15 @@ class DTS:
         if not 0 <= level_cost_exponent <= 1:
             raise ValueError(f"level_cost_exponent must lie in [0, 1] (got {level_cost_exponent})")
         self.level_cost_exponent = level_cost_exponent
-        if (
+        if equal_share_levels is not None and (
             isinstance(equal_share_levels, bool)
             or not isinstance(equal_share_levels, numbers.Integral)
             or equal_share_levels < 0
         ):
-            raise ValueError(f"equal_share_levels must be an integer >= 0 (got {equal_share_levels!r})")
-        self.equal_share_levels = int(equal_share_levels)
+            raise ValueError(
+                f"equal_share_levels must be an integer >= 0, or None for the chain's first fifth "
+                f"(got {equal_share_levels!r})"
+            )
         if level_allocation not in LEVEL_ALLOCATIONS:
             raise ValueError(f"level_allocation must be one of {LEVEL_ALLOCATIONS} (got {level_allocation!r})")
         self.level_allocation = level_allocation
@@ -340,9 +350,11 @@ class DTS:
         self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
         self._guided = estimator in ("nested", "frontier")
         self._frontier = estimator == "frontier" and mode == "sample"  # search descends from the root (below)
-        self._level_shares = level_shares(
-            [num_steps + 1, *self.node_levels[:-1]], num_steps, level_cost_exponent, equal_share_levels
-        )
+        open_levels = [num_steps + 1, *self.node_levels[:-1]]
+        if equal_share_levels is None:
+            equal_share_levels = high_noise_levels(open_levels, num_steps)
+        self.equal_share_levels = int(equal_share_levels)
+        self._level_shares = level_shares(open_levels, num_steps, level_cost_exponent, self.equal_share_levels)
         if guide_trust is None:  # measured best per estimator (README): SMC-like frontier trusts x̂_0, top-down does not
             guide_trust = 1.0 if estimator == "frontier" else 0.0
         if not 0 <= guide_trust <= 1:

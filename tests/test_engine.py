@@ -75,6 +75,27 @@ def test_level_shares_keep_the_top_levels_even_and_split_the_rest_by_cost():
     assert st["nfe_by_level"][21] == pytest.approx(st["nfe"] / 6 * 20 / st["nfe_per_leaf"], rel=0.02)
 
 
+def test_by_default_the_levels_of_the_chains_first_fifth_take_equal_shares():
+    """Two of six levels on a 20-step chain branching every 4 (the root's seeds and x_T's children), three of eleven
+    on the 100-step chain branching every 10 (also level 90's): the levels where a trajectory commits to a mode."""
+    from dts_diffusers.engine import high_noise_levels
+    from dts_diffusers.toy import long_chain
+
+    assert high_noise_levels([21, 20, 16, 12, 8, 4], 20) == 2
+    assert high_noise_levels([101, *range(100, 0, -10)], 100) == 3
+    assert make(seed=0).equal_share_levels == 2
+    chain = long_chain()
+    dts = make(chain, seed=0, branch_levels=chain.branch_levels).run(20_000)
+    assert dts.equal_share_levels == 3
+    counts = dts._expansions_by_level
+    assert counts[101] == pytest.approx(counts[100], abs=2) and counts[100] == pytest.approx(counts[90], abs=2)
+    assert counts[80] < 0.7 * counts[90] and counts[10] > 1.5 * counts[90]  # below: ∝ cost^-0.75
+    assert dts.stats()["nfe_per_leaf"] < 0.55 * 100
+    assert make(chain, branch_levels=chain.branch_levels, equal_share_levels=0).equal_share_levels == 0
+    with pytest.raises(ValueError, match="or None for the chain's first fifth"):
+        make(equal_share_levels=-1)
+
+
 def test_sibling_spread_pools_the_variance_within_parents():
     from dts_diffusers.engine import sibling_spread
 
