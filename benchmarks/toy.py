@@ -226,13 +226,19 @@ def engine_cost(node_targets, probe_budget: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # summaries
 # ---------------------------------------------------------------------------------------------------------------
-def summarise(rows: list[dict], key: str) -> dict:
-    """{method: {budget: {median, min, max}}} over seeds; rows where `key` is None are left out, and so is a method
-    that never has it."""
+def runs_by_method(rows: list[dict], key: str) -> dict:
+    """{method: {budget: [`key` of each seed's run]}}; rows where `key` is None are left out."""
     table = {}
     for r in rows:
         if r.get(key) is not None:
             table.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r[key])
+    return table
+
+
+def summarise(rows: list[dict], key: str) -> dict:
+    """{method: {budget: {median, min, max}}} over seeds; rows where `key` is None are left out, and so is a method
+    that never has it."""
+    table = runs_by_method(rows, key)
     return {
         m: {
             str(n): {"median": float(np.median(v)), "min": float(np.min(v)), "max": float(np.max(v))}
@@ -285,11 +291,7 @@ def head_to_head(entry: dict) -> dict:
     """{tree label: {baseline: {budget: P(closer)}}}: the share of (tree seed, baseline seed) pairs in which the tree's
     run is the closer to π* (ties count half; the Mann–Whitney statistic). Medians of 5–10 seeds whose worst is 2–5×
     the median move by ±15 %; this says how often one method's run beats the other's, which a gap of medians hides."""
-    key = entry["distance"]
-    runs: dict = {}
-    for r in entry["rows"]:
-        if r.get(key) is not None:
-            runs.setdefault(r["method"], {}).setdefault(r["budget"], []).append(r[key])
+    runs = runs_by_method(entry["rows"], entry["distance"])
     trees = [m for m in runs if m not in BASELINES and m != "DTS (paper)"]
     out = {}
     for tree in trees:

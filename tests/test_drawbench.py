@@ -8,20 +8,17 @@ and equals the first run's, and the summary and plot are written.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import re
-import sys
-from pathlib import Path
 
 import PIL.Image
 import pytest
+from benchmark_scripts import loaded_benchmark
 
 from dts_diffusers import DTSPipeline
 from dts_diffusers.defaults import BUNDLED_MODEL_DIR
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 COUNTS = {
     "Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20, "Gary Marcus et al.": 10,
     "Misspellings": 10, "Positional": 20, "Rare Words": 7, "Reddit": 38, "Text": 21,
@@ -30,17 +27,8 @@ COUNTS = {
 
 @pytest.fixture(scope="module")
 def drawbench():
-    """The benchmark script as a module; it imports its sibling `ranking` as the benchmark scripts do."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("drawbench", BENCHMARKS / "drawbench.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["drawbench"] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
+    with loaded_benchmark("drawbench") as module:
         yield module
-    finally:
-        sys.modules.pop("drawbench", None)
-        sys.path.remove(str(BENCHMARKS))
 
 
 def test_the_prompts_are_drawbench(drawbench):

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import BENCHMARKS, loaded_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 ROUND4 = BENCHMARKS / "results" / "toy_allocation_round4"
 
 
 @pytest.fixture(scope="module")
 def toy():
-    """The benchmark script as a module; it imports its sibling `ranking` as the benchmark scripts do."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("toy_benchmark", BENCHMARKS / "toy.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with loaded_benchmark("toy") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def rows(method: str, budget: int, values: list[float]) -> list[dict]:
@@ -48,7 +38,7 @@ def test_head_to_head_counts_every_pair_of_seeds_and_ties_half(toy):
     assert found["DTS"]["SMC"] == {"10": 0.0}
 
 
-def test_a_committed_report_rebuilds_with_head_to_head_lines(toy, tmp_path):
+def test_a_committed_report_rebuilds_with_head_to_head_lines(toy):
     report = json.loads((ROUND4 / "s10b.json").read_text())
     report["sampling"] = {"rare-mode-8d": report["sampling"]["rare-mode-8d"]}
     text = toy.markdown(toy.finish(report))
