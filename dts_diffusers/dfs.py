@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import Timings, call_transition, check_lambda, default_branch_levels
+from .engine import Timings, call_transition, check_lambda, default_branch_levels, positive_int
 from .noise import row_generators
 from .particles import RewardCalls, check_local_search, refine_locally
 from .resampling import stratified_draws
@@ -92,8 +92,7 @@ class DepthFirstSearch(RewardCalls):
             local_search_steps / local_search_step_size: local search at every evaluation (see `particles.py`).
             batch_size: rows per transition call (2·batch_size dives in flight).
         """
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer (got {num_steps!r})")
+        num_steps = positive_int(num_steps, "num_steps")
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' (draws ∝ exp(λ·r)) or 'search' (best first) (got {mode!r})")
         if not callable(renoise):
@@ -108,16 +107,14 @@ class DepthFirstSearch(RewardCalls):
         self.eval_levels = sorted(set(levels), reverse=True)
         if backtrack_depth is None:
             backtrack_depth = max(1, round(num_steps / len(self.eval_levels)))
-        if not isinstance(backtrack_depth, int) or backtrack_depth < 1:
-            raise ValueError(f"backtrack_depth must be a positive integer number of levels (got {backtrack_depth!r})")
+        backtrack_depth = positive_int(backtrack_depth, "backtrack_depth")
         if not isinstance(max_backtracks, int) or max_backtracks < 0:
             raise ValueError(
                 f"max_backtracks must be a non-negative integer (got {max_backtracks!r}); 0 never backtracks"
             )
         if not 0 <= threshold_quantile <= 1:
             raise ValueError(f"threshold_quantile must be in [0, 1] (got {threshold_quantile}); 0 never backtracks")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer (got {batch_size!r})")
+        batch_size = positive_int(batch_size, "batch_size")
         check_local_search(local_search_steps, local_search_step_size, renoise)
         self.prior, self.transition, self.reward, self.renoise = prior, transition, reward, renoise
         self.num_steps, self.lam, self.mode = num_steps, check_lambda(lam), mode

@@ -259,6 +259,19 @@ def test_bad_options_name_the_fix(options, match):
         DepthFirstSearch(chain.prior, chain.transition, CHECKERBOARD.reward, 20, **arguments)
 
 
+def test_counts_may_be_numpy_integers_as_in_the_engine():
+    """Step and batch counts read from arrays (np.int64) are taken, as `DTS` takes them; bools are not."""
+    chain = CHECKERBOARD.chain
+    search = DepthFirstSearch(
+        chain.prior, chain.transition, CHECKERBOARD.reward, np.int64(20), renoise=chain.renoise,
+        backtrack_depth=np.int64(5), batch_size=np.int64(4),
+    )  # fmt: skip
+    assert (search.num_steps, search.backtrack_depth, search.batch_size) == (20, 5, 4)
+    assert all(type(value) is int for value in (search.num_steps, search.backtrack_depth, search.batch_size))
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        DepthFirstSearch(chain.prior, chain.transition, CHECKERBOARD.reward, 20, renoise=chain.renoise, batch_size=True)
+
+
 def test_budget_below_one_dive_and_drawing_before_running_raise():
     search = dfs(CHECKERBOARD, local_search_steps=1)
     with pytest.raises(RuntimeError, match="call run"):
