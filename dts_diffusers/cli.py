@@ -1230,19 +1230,37 @@ def finished_record(out: Path, index: int, target: dict, seed: int) -> dict | No
     return None
 
 
-class FolderLock:
-    """An exclusive lock on a batch folder: a lock file holding the owner's pid, locked with flock.
+LOCK_BYTE = 1 << 20  # Windows locks byte ranges, and locked bytes cannot be read: lock one far past the owner line
 
-    The kernel drops the lock when its process dies, so a lock left by a dead run is taken over at once, while a live
+
+def lock_exclusively(handle, windows: bool = os.name == "nt") -> None:
+    """Lock an open file for this process alone, without waiting; OSError when another process holds it. The OS drops
+    the lock when its process dies: flock on POSIX, msvcrt's byte-range lock on Windows (which has no fcntl)."""
+    if windows:
+        import msvcrt
+
+        handle.seek(LOCK_BYTE)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        finally:
+            handle.seek(0)
+    else:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class FolderLock:
+    """An exclusive lock on a batch folder: a lock file holding the owner's pid, locked with `lock_exclusively`.
+
+    The OS drops the lock when its process dies, so a lock left by a dead run is taken over at once, while a live
     run's lock is refused with its pid."""
 
     def __init__(self, folder: Path):
-        import fcntl
-
         self.path = folder / LOCK_FILE
         self.handle = open(self.path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
         try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock_exclusively(self.handle)
         except OSError:
             self.handle.seek(0)
             owner = self.handle.read().strip() or "unknown"
@@ -1257,7 +1275,7 @@ class FolderLock:
         self.handle.flush()
 
     def release(self) -> None:
-        self.handle.close()  # closing drops the flock; the file stays, so no second run can lock a fresh inode
+        self.handle.close()  # closing drops the lock; the file stays, so no second run can lock a fresh inode
 
 
 def batch_settings(

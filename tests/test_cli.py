@@ -694,3 +694,44 @@ def test_load_pipeline_casts_to_the_dtype_without_a_deprecation_warning():
         warnings.filterwarnings("error", message=".*torch_dtype.*")
         pipe = cli.load_pipeline(str(digits.bundled_model_path()), "cpu", torch.float64)
     assert pipe.unet.dtype == torch.float64 and pipe.vae.dtype == torch.float64
+
+
+class WindowsLocks:
+    """msvcrt's non-blocking byte-range lock, as Windows applies it: a range held by one open file is refused to
+    every other until that file is closed."""
+
+    LK_NBLCK = 2
+
+    def __init__(self):
+        self.held: dict[tuple[int, int], tuple[int, int]] = {}  # (inode, offset) -> (fd, inode) of the holder
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        assert mode == self.LK_NBLCK and nbytes == 1
+        inode = os.fstat(fd).st_ino
+        key = (inode, os.lseek(fd, 0, os.SEEK_CUR))
+        holder = self.held.get(key)
+        if holder is not None and holder[0] != fd:
+            try:
+                alive = os.fstat(holder[0]).st_ino == holder[1]
+            except OSError:
+                alive = False
+            if alive:
+                raise PermissionError(13, "Permission denied")
+        self.held[key] = (fd, inode)
+
+
+def test_a_batch_folder_lock_works_without_fcntl(tmp_path, monkeypatch):
+    """On Windows (no fcntl) the folder is locked with msvcrt on a byte past the owner line, which stays readable."""
+    import functools
+
+    windows = WindowsLocks()
+    monkeypatch.setitem(sys.modules, "msvcrt", windows)
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # importing it now fails, as on Windows
+    monkeypatch.setattr(cli, "lock_exclusively", functools.partial(cli.lock_exclusively, windows=True))
+    lock = cli.FolderLock(tmp_path)
+    ((_, offset),) = windows.held
+    assert offset == cli.LOCK_BYTE > (tmp_path / cli.LOCK_FILE).stat().st_size
+    with pytest.raises(cli.CLIError, match=f"being written by another dts batch \\(pid {os.getpid()} on"):
+        cli.FolderLock(tmp_path)
+    lock.release()
+    cli.FolderLock(tmp_path).release()  # a closed holder's lock is free again
