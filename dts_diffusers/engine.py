@@ -55,6 +55,7 @@ LEVEL_ALLOCATIONS = ("fixed", "neyman")
 NEYMAN_WARMUP = 16  # children a level makes before its sibling spread steers the frontier's level shares
 NEYMAN_EVERY = 8  # batches between two measurements of the spreads
 EQUAL_SHARE_FRACTION = 0.2  # by default the levels expanded in the chain's first fifth (from x_T) take equal shares
+GUIDE_SPREAD_WARMUP = 32  # nodes a level makes before the spread of its guide is measured (and its scale fixed)
 ESTIMATORS = ("nested", "frontier", "held-out", "paper")
 WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
@@ -254,6 +255,12 @@ class DTS:
       4th, …); selection is Boltzmann over building values, draws descend over drawing children.
     - ``"paper"``: Algorithm 1 as published: Boltzmann selection and drawing on the log-mean-exp over all children.
 
+    ``guide_spread_cap`` (default 3 nats; None: off) tempers an over-confident guide in the frontier's masses: once
+    a level has made its first GUIDE_SPREAD_WARMUP nodes, its h is scaled by s = min(1, cap / SD(λ·h)) there, and
+    the tilts telescope (λ·(s·h(n) − s'·h(parent))). A log-density reward on x̂_0 at high noise (the 2D GMM) spreads
+    λ·h over tens of nats and would pile a level's expansions onto one or two nodes; bounded rewards stay under the
+    cap, and their trees are unchanged.
+
     The trust κ rises linearly from ``guide_trust`` when choosing among x_T seeds to 1 at the lowest branch level;
     its default is 1 for ``"frontier"`` and 0 for ``"nested"`` (on the paper's 2D GMM, x̂_0 at high noise sits between
     modes and full trust ruins the top-down tree).
@@ -290,6 +297,7 @@ class DTS:
         level_cost_exponent: float = 0.75,
         equal_share_levels: int | None = None,
         level_allocation: str = "fixed",
+        guide_spread_cap: float | None = 3.0,
         batch_size: int = 16,
         seed: int = 0,
         device: torch.device | str | None = None,
@@ -324,6 +332,11 @@ class DTS:
         if level_allocation not in LEVEL_ALLOCATIONS:
             raise ValueError(f"level_allocation must be one of {LEVEL_ALLOCATIONS} (got {level_allocation!r})")
         self.level_allocation = level_allocation
+        if guide_spread_cap is not None and not 0 < guide_spread_cap < math.inf:
+            raise ValueError(f"guide_spread_cap must be positive and finite, or None (got {guide_spread_cap})")
+        self.guide_spread_cap = guide_spread_cap
+        self.guide_scale: dict[int, float] = {}  # per node level, once measured: the frontier's tempering of h there
+        self._guide_samples: dict[int, list[float]] = {}  # λ·h of each level's first nodes, until it is measured
         self._level_spread: dict[int, float] = {}  # per expanded level: spread of λ·V among siblings (neyman)
         self._batches = 0
         if search_backup not in ("max", "soft"):
@@ -540,18 +553,53 @@ class DTS:
         self._batches += 1
 
     def _log_tilts(self, nodes: list[int]) -> list[float]:
-        """The frontier's log tilt of each new node: κ·λ·(h(n) − h(parent)), h the x̂_0 reward (0 at the root)."""
+        """The frontier's log tilt of each new node: κ·λ·(s(ℓ)·h(n) − s(ℓ')·h(parent)), h the x̂_0 reward (0 at the
+        root) and s the level's guide scale (`_measure_guide_spread`): the tilts telescope, so a node's mass is
+        ∝ exp(λ·s·h(n)) over the splits above it, as an SMC particle's weight under tempered potentials."""
         tree, out = self.tree, []
 
         def guide(node: int) -> float:
             value = 0.0 if node == ROOT else float(tree.guide_np[node])
-            return 0.0 if math.isnan(value) else value
+            return 0.0 if math.isnan(value) else value * self.guide_scale.get(int(tree.level_np[node]), 1.0)
 
         for node in nodes:
             parent = int(tree.parent_np[node])
             change, trust = guide(node) - guide(parent), self._trust[int(tree.level_np[parent])]
             out.append(self.lam * trust * change if change and trust else 0.0)
         return out
+
+    def _measure_guide_spread(self, nodes: list[int]) -> bool:
+        """Temper a guide that over-claims: once a level has GUIDE_SPREAD_WARMUP nodes, fix its scale to
+        s = min(1, cap / SD(λ·h)) over them. With an unbounded reward (a log-density) x̂_0 at high noise can spread
+        λ·h over tens of nats, and untempered masses would then pile a level's expansions onto one or two nodes on
+        a poor guess (the 2D GMM); a bounded reward's spread stays under the cap and its tree is unchanged. The
+        scale reads only node states, never rewards below, so the estimates stay unbiased. True when a scale
+        under 1 was set (the masses must then be retilted)."""
+        if self.guide_spread_cap is None:
+            return False
+        tree, tempered = self.tree, False
+        for node in nodes:
+            level, value = int(tree.level_np[node]), float(tree.guide_np[node])
+            if level == 0 or level in self.guide_scale or math.isnan(value):
+                continue
+            seen = self._guide_samples.setdefault(level, [])
+            seen.append(self.lam * value)
+            if len(seen) >= GUIDE_SPREAD_WARMUP:
+                spread = float(np.std(seen))
+                self.guide_scale[level] = min(1.0, self.guide_spread_cap / spread) if spread > 0 else 1.0
+                tempered |= self.guide_scale[level] < 1.0
+                del self._guide_samples[level]
+        return tempered
+
+    def _retilt_masses(self) -> None:
+        """Recompute every finished node's tilt under the current guide scales and rebuild the frontier's masses."""
+        tree, n = self.tree, self.tree.size
+        levels, parents = tree.level_np[:n], tree.parent_np[:n]
+        scale = np.array([self.guide_scale.get(int(level), 1.0) for level in range(self.num_steps + 2)])
+        guide = np.nan_to_num(tree.guide_np[:n], nan=0.0) * scale[levels]
+        guide[ROOT] = 0.0
+        trust = np.array([self._trust.get(int(level), 0.0) for level in range(self.num_steps + 2)])
+        self._masses.retilt(self.lam * trust[levels[parents]] * (guide - guide[parents]))
 
     def _measure_level_spreads(self, finished: np.ndarray, levels: np.ndarray, parent: np.ndarray) -> None:
         """Per expanded level, the pooled spread of λ·V among siblings (V: the soft value of each child's subtree,
@@ -694,6 +742,7 @@ class DTS:
             rewards = check_finite_rewards(self.reward(x0), len(rollouts))
             self.timings.reward += time.perf_counter() - t0
             self.reward_evals += len(rollouts)
+            retilt = self._masses is not None and self._measure_guide_spread(guided_nodes)
             for item, r in zip(rollouts, rewards.tolist(), strict=True):
                 leaf = item.new_nodes[-1]
                 tree.set_leaf(leaf, r)
@@ -706,6 +755,8 @@ class DTS:
                         self._draws.update(node)
                 if r > self._best[1]:
                     self._best = (leaf, r)
+            if retilt:
+                self._retilt_masses()
         for item in batch:
             tree.pending_np[item.path] -= 1
             tree.visits_np[item.path] += 1

@@ -633,6 +633,29 @@ class FrontierMasses:
                 del self.heaps[j][k]
         self.entries[j] = sum(len(heap) for heap in self.heaps[j].values())
 
+    def retilt(self, log_w: np.ndarray) -> None:
+        """Replace every finished node's tilt by `log_w[node]` (indexed by node id) and recompute the masses, T and
+        the heaps in one pass over the tree, bottom level first: what counting the rollouts one by one under these
+        tilts would have given. The engine calls it once per level, when it tempers that level's guide."""
+        tree, n = self.tree, self.tree.size
+        nodes = np.flatnonzero(tree.done_np[:n])
+        levels, parents = tree.level_np[nodes], tree.parent_np[nodes]
+        inner = np.isin(levels, self.levels)
+        self.log_w[nodes[inner]] = np.clip(log_w[nodes[inner]], -MAX_LOG_TILT, MAX_LOG_TILT)
+        self.log_t[:n] = -np.inf
+        self.finished[:] = 0
+        for j, level in reversed(list(enumerate(self.levels))):
+            rows = nodes[levels == level]
+            self.finished[j] = rows.size
+            self.log_t[rows, j] = 0.0
+            par = parents[levels == level]
+            scale = self.log_w[rows] - np.where(par == ROOT, 0.0, np.log(np.maximum(self.counted[par], 1)))
+            np.logaddexp.at(self.log_t, par, self.log_t[rows] + scale[:, None])  # children before their parents
+        self.heaps = [{} for _ in self.levels]
+        self.entries[:] = 0
+        for node in nodes[inner].tolist():
+            self._push(node)
+
     def expanded_node(self, node: int) -> None:
         """`node` (not the root) got a child this batch: it moves to the next group, and dilutes its children."""
         self._push(node)

@@ -526,11 +526,13 @@ def test_soft_means_recompute_where_a_removal_would_cancel():
 
 def reference_frontier_unsplit(dts):
     """The frontier's masses by one pass over the whole tree, as the engine computed them before they were kept
-    incrementally: m(n)·K(parent) per finished node (level-wise scale aside), and the finished nodes per level."""
+    incrementally: m(n)·K(parent) per finished node (level-wise scale aside), and the finished nodes per level.
+    Tilts telescope over each level's guide scale (`guide_scale`, fixed once the level has been measured)."""
     tree = dts.tree
     n = tree.size
     done, levels, parent = tree.done_np[:n], tree.level_np[:n], tree.parent_np[:n]
-    guide = np.nan_to_num(tree.guide_np[:n], nan=0.0)
+    scale = np.array([dts.guide_scale.get(int(level), 1.0) for level in levels])
+    guide = np.nan_to_num(tree.guide_np[:n], nan=0.0) * scale  # each level's tempered guide
     kids = np.maximum(tree.child_count_np[:n], 1)
     mass, unsplit, rows_by_level = np.zeros(n), np.zeros(n), {}
     mass[0] = 1.0
@@ -569,7 +571,30 @@ def test_the_incremental_frontier_picks_what_a_pass_over_the_tree_picks(task, la
     dts._start_frontier_batch, masses.pick = start_and_measure, checked_pick
     dts.run(4000)
     assert len(picks) > 200
+    if task is not TASK:  # the GMM's log-density guide is tempered mid-run: the picks after the retilt count too
+        assert min(dts.guide_scale.values()) < 0.9
     assert [got for got, _ in picks] == [expected for _, expected in picks]
+
+
+def test_only_a_guide_spread_past_the_cap_is_tempered():
+    """A level's guide scale is min(1, cap / SD(λ·h)) over its first nodes: the GMM's log-density reward, whose
+    x̂_0 at high noise spreads λ·h over tens of nats, is tempered most at the top; the bounded bimodal reward is not,
+    and its tree is exactly the untempered one."""
+    gmm = make(gmm_2d(), seed=1).run(20_000)
+    scale = gmm.guide_scale
+    assert set(scale) == set(gmm.node_levels[:-1]) and all(0 < s <= 1 for s in scale.values())
+    assert scale[100] < 0.3 and scale[20] > scale[100]
+    looser = make(gmm_2d(), seed=1, guide_spread_cap=30.0).run(20_000).guide_scale
+    assert all(looser[level] >= scale[level] for level in scale) and looser[100] > scale[100]
+    assert not make(gmm_2d(), seed=1, guide_spread_cap=None).run(5_000).guide_scale
+
+    capped, free = make(seed=2).run(3000), make(seed=2, guide_spread_cap=None).run(3000)
+    assert set(capped.guide_scale.values()) == {1.0} and len(capped.guide_scale) == len(capped.node_levels) - 1
+    n = capped.tree.size
+    assert n == free.tree.size and np.array_equal(capped.tree.value_np[:n], free.tree.value_np[:n], equal_nan=True)
+    for bad in (0.0, -1.0, math.inf):
+        with pytest.raises(ValueError, match="guide_spread_cap must be positive"):
+            make(guide_spread_cap=bad)
 
 
 def test_grouped_boltzmann_and_systematic_match_each_group_alone():
