@@ -484,8 +484,9 @@ class DTS:
         return self._latents([node]), reward
 
     def stats(self) -> dict:
-        """Tree size, NFE accounting and diagnostics of reuse (NFE per leaf, NFE by expansion level) and of the draw
-        rule (leaves it can reach, and the effective sample size (Σp)²/Σp² of its law over leaves)."""
+        """Tree size, NFE accounting and diagnostics of reuse (NFE per leaf, NFE by expansion level), of the draw
+        rule (leaves it can reach, and the effective sample size (Σp)²/Σp² of its law over leaves) and of the guide
+        (each measured level's scale: under 1 where `guide_spread_cap` tempered it)."""
         tree = self.tree
         done = tree.done_np[: tree.size]
         levels = tree.level_np[: tree.size][done]
@@ -509,6 +510,7 @@ class DTS:
             "stored_latent_bytes": self.store.bytes,
             "best_reward": self._best[1],
             "root_value": float(tree.value_np[ROOT]),
+            "guide_scale": dict(sorted(self.guide_scale.items(), reverse=True)),
             "timings": self.timings.as_dict(),
         }
 

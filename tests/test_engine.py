@@ -582,6 +582,7 @@ def test_only_a_guide_spread_past_the_cap_is_tempered():
     and its tree is exactly the untempered one."""
     gmm = make(gmm_2d(), seed=1).run(20_000)
     scale = gmm.guide_scale
+    assert gmm.stats()["guide_scale"] == scale  # reported, top level first
     assert set(scale) == set(gmm.node_levels[:-1]) and all(0 < s <= 1 for s in scale.values())
     assert scale[100] < 0.3 and scale[20] > scale[100]
     looser = make(gmm_2d(), seed=1, guide_spread_cap=30.0).run(20_000).guide_scale
