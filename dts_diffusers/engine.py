@@ -554,10 +554,11 @@ class DTS:
             self._measure_level_spreads(np.flatnonzero(tree.done_np[:n]), tree.level_np[:n], tree.parent_np[:n])
         self._batches += 1
 
-    def _log_tilts(self, nodes: list[int]) -> list[float]:
-        """The frontier's log tilt of each new node: κ·λ·(s(ℓ)·h(n) − s(ℓ')·h(parent)), h the x̂_0 reward (0 at the
-        root) and s the level's guide scale (`_measure_guide_spread`): the tilts telescope, so a node's mass is
-        ∝ exp(λ·s·h(n)) over the splits above it, as an SMC particle's weight under tempered potentials."""
+    def _log_tilts(self, nodes: Sequence[int]) -> list[float]:
+        """The frontier's log tilt of each of `nodes` (not the root): κ·λ·(s(ℓ)·h(n) − s(ℓ')·h(parent)), h the x̂_0
+        reward (0 at the root) and s the level's guide scale (`_measure_guide_spread`): the tilts telescope, so a
+        node's mass is ∝ exp(λ·s·h(n)) over the splits above it, as an SMC particle's weight under tempered
+        potentials. A loop, not array code: a rollout's few nodes are its hot path."""
         tree, out = self.tree, []
 
         def guide(node: int) -> float:
@@ -577,8 +578,8 @@ class DTS:
         a poor guess (the 2D GMM); a bounded reward's spread stays under the cap and its tree is unchanged. The
         scale reads only node states, never rewards below, so the estimates stay unbiased. True when a scale
         under 1 was set (the masses must then be retilted)."""
-        if self.guide_spread_cap is None:
-            return False
+        if self.guide_spread_cap is None or len(self.guide_scale) == len(self.node_levels) - 1:
+            return False  # off, or every level measured
         tree, tempered = self.tree, False
         for node in nodes:
             level, value = int(tree.level_np[node]), float(tree.guide_np[node])
@@ -592,16 +593,6 @@ class DTS:
                 tempered |= self.guide_scale[level] < 1.0
                 del self._guide_samples[level]
         return tempered
-
-    def _retilt_masses(self) -> None:
-        """Recompute every finished node's tilt under the current guide scales and rebuild the frontier's masses."""
-        tree, n = self.tree, self.tree.size
-        levels, parents = tree.level_np[:n], tree.parent_np[:n]
-        scale = np.array([self.guide_scale.get(int(level), 1.0) for level in range(self.num_steps + 2)])
-        guide = np.nan_to_num(tree.guide_np[:n], nan=0.0) * scale[levels]
-        guide[ROOT] = 0.0
-        trust = np.array([self._trust.get(int(level), 0.0) for level in range(self.num_steps + 2)])
-        self._masses.retilt(self.lam * trust[levels[parents]] * (guide - guide[parents]))
 
     def _measure_level_spreads(self, finished: np.ndarray, levels: np.ndarray, parent: np.ndarray) -> None:
         """Per expanded level, the pooled spread of λ·V among siblings (V: the soft value of each child's subtree,
@@ -757,8 +748,8 @@ class DTS:
                         self._draws.update(node)
                 if r > self._best[1]:
                     self._best = (leaf, r)
-            if retilt:
-                self._retilt_masses()
+            if retilt:  # every finished node's tilt under the new scales (the root's is unused)
+                self._masses.retilt(np.array([0.0, *self._log_tilts(range(1, tree.size))]))
         for item in batch:
             tree.pending_np[item.path] -= 1
             tree.visits_np[item.path] += 1

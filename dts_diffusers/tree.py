@@ -645,10 +645,10 @@ class FrontierMasses:
         self.log_t[:n] = -np.inf
         self.finished[:] = 0
         for j, level in reversed(list(enumerate(self.levels))):
-            rows = nodes[levels == level]
+            at_level = levels == level
+            rows, par = nodes[at_level], parents[at_level]
             self.finished[j] = rows.size
             self.log_t[rows, j] = 0.0
-            par = parents[levels == level]
             scale = self.log_w[rows] - np.where(par == ROOT, 0.0, np.log(np.maximum(self.counted[par], 1)))
             np.logaddexp.at(self.log_t, par, self.log_t[rows] + scale[:, None])  # children before their parents
         self.heaps = [{} for _ in self.levels]
