@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .engine import Timings, call_transition, check_lambda, default_branch_levels, positive_int
+from .engine import Timings, call_transition, check_integer, check_lambda, default_branch_levels
 from .noise import row_generators
 from .particles import RewardCalls, check_local_search, refine_locally
 from .resampling import stratified_draws
@@ -92,7 +92,7 @@ class DepthFirstSearch(RewardCalls):
             local_search_steps / local_search_step_size: local search at every evaluation (see `particles.py`).
             batch_size: rows per transition call (2·batch_size dives in flight).
         """
-        num_steps = positive_int(num_steps, "num_steps")
+        num_steps = check_integer("num_steps", num_steps, "the denoising steps of one dive")
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' (draws ∝ exp(λ·r)) or 'search' (best first) (got {mode!r})")
         if not callable(renoise):
@@ -107,14 +107,11 @@ class DepthFirstSearch(RewardCalls):
         self.eval_levels = sorted(set(levels), reverse=True)
         if backtrack_depth is None:
             backtrack_depth = max(1, round(num_steps / len(self.eval_levels)))
-        backtrack_depth = positive_int(backtrack_depth, "backtrack_depth")
-        if not isinstance(max_backtracks, int) or max_backtracks < 0:
-            raise ValueError(
-                f"max_backtracks must be a non-negative integer (got {max_backtracks!r}); 0 never backtracks"
-            )
+        backtrack_depth = check_integer("backtrack_depth", backtrack_depth, "the steps undone per backtrack")
+        max_backtracks = check_integer("max_backtracks", max_backtracks, "0 never backtracks", minimum=0)
         if not 0 <= threshold_quantile <= 1:
             raise ValueError(f"threshold_quantile must be in [0, 1] (got {threshold_quantile}); 0 never backtracks")
-        batch_size = positive_int(batch_size, "batch_size")
+        batch_size = check_integer("batch_size", batch_size, "rows per transition call, e.g. 16")
         check_local_search(local_search_steps, local_search_step_size, renoise)
         self.prior, self.transition, self.reward, self.renoise = prior, transition, reward, renoise
         self.num_steps, self.lam, self.mode = num_steps, check_lambda(lam), mode

@@ -134,10 +134,12 @@ def as_device(value, name: str) -> torch.device | None:
         raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0' (got {value!r})") from error
 
 
-def positive_int(value, name: str) -> int:
-    """A positive integer (numpy integers too, bools not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (got {value!r})")
+def check_integer(name: str, value, fix: str, minimum: int = 1) -> int:
+    """An integer >= minimum: any `numbers.Integral` (numpy's included), never a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer (got {type(value).__name__} {value!r}); {fix}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum} (got {value}); {fix}")
     return int(value)
 
 
@@ -304,7 +306,7 @@ class DTS:
         latent_device: torch.device | str | None = None,
         latent_budget_bytes: int | None = None,
     ):
-        num_steps = positive_int(num_steps, "num_steps")
+        num_steps = check_integer("num_steps", num_steps, "the denoising steps of one rollout")
         if mode not in ("sample", "search"):
             raise ValueError(f"mode must be 'sample' (DTS) or 'search' (DTS*) (got {mode!r})")
         if estimator not in ESTIMATORS:
@@ -341,7 +343,7 @@ class DTS:
         self._batches = 0
         if search_backup not in ("max", "soft"):
             raise ValueError(f"search_backup must be 'max' or 'soft' (the soft value at lam) (got {search_backup!r})")
-        batch_size = positive_int(batch_size, "batch_size")
+        batch_size = check_integer("batch_size", batch_size, "rollouts denoised together, e.g. 16")
         if latent_budget_bytes is not None and latent_budget_bytes <= 0:
             raise ValueError(f"latent_budget_bytes must be positive or None for no limit (got {latent_budget_bytes})")
         levels = default_branch_levels(num_steps) if branch_levels is None else [int(b) for b in branch_levels]
@@ -461,7 +463,7 @@ class DTS:
         Search mode returns the n best distinct leaves, best first, and warns when the tree has fewer (all its
         leaves are then repeated in rank order); `last_draw_distinct` (also in `stats()`) counts the distinct leaves
         of the last draw."""
-        n = positive_int(n, "n")
+        n = check_integer("n", n, "the number of samples to draw")
         if self.iterations == 0:
             raise RuntimeError("the tree is empty: call run(nfe_budget) before sample()")
         if self.mode == "search":

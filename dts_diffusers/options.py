@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .engine import WIDENINGS, default_branch_levels
+from .engine import WIDENINGS, check_integer, default_branch_levels
 from .methods import METHODS, sampler_option_names, searches
 from .tree import Widening
 
@@ -36,15 +36,6 @@ SET_BY_FIELDS = {
     "device": "the pipeline's device",
     "renoise": "the scheduler (the pipeline passes its forward process)",
 }
-
-
-def check_integer(name: str, value, fix: str, minimum: int = 1) -> int:
-    """An integer >= minimum: any `numbers.Integral` (numpy's included), never a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer (got {type(value).__name__} {value!r}); {fix}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (got {value}); {fix}")
-    return int(value)
 
 
 def check_real(name: str, value, fix: str, minimum: float | None = None, strict: bool = False) -> float:

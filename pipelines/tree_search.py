@@ -19,8 +19,9 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from diffusers.utils import logging
 
 from dts_diffusers.defaults import STABLE_DIFFUSION, RunDefaults, model_defaults
+from dts_diffusers.engine import check_integer
 from dts_diffusers.methods import build_sampler
-from dts_diffusers.options import TreeOptions, check_integer, check_real
+from dts_diffusers.options import TreeOptions, check_real
 from dts_diffusers.particles import NOT_DIFFERENTIABLE
 from dts_diffusers.rewards import Reward, as_reward, reward_names
 from dts_diffusers.schedulers import (

@@ -245,8 +245,8 @@ def test_registered_as_dfs_with_branch_levels_as_evaluation_levels():
         ({"renoise": None}, "renoise=transition.renoise"),
         ({"thresholds": [0.0, 1.0]}, "one per evaluation level"),
         ({"threshold_quantile": 1.5}, "threshold_quantile must be in"),
-        ({"backtrack_depth": 0}, "backtrack_depth must be a positive integer"),
-        ({"max_backtracks": -1}, "max_backtracks must be a non-negative integer"),
+        ({"backtrack_depth": 0}, "backtrack_depth must be >= 1"),
+        ({"max_backtracks": -1}, "max_backtracks must be >= 0"),
         ({"eval_levels": [25]}, "eval_levels must be a non-empty list of levels in 1..num_steps=20"),
         ({"mode": "best"}, "mode must be"),
         ({"local_search_steps": 1, "local_search_step_size": -1.0}, "local_search_step_size must be a positive number"),
@@ -268,7 +268,7 @@ def test_counts_may_be_numpy_integers_as_in_the_engine():
     )  # fmt: skip
     assert (search.num_steps, search.backtrack_depth, search.batch_size) == (20, 5, 4)
     assert all(type(value) is int for value in (search.num_steps, search.backtrack_depth, search.batch_size))
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(TypeError, match=r"batch_size must be an integer \(got bool"):
         DepthFirstSearch(chain.prior, chain.transition, CHECKERBOARD.reward, 20, renoise=chain.renoise, batch_size=True)
 
 
