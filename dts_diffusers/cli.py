@@ -432,6 +432,11 @@ def load_pipeline(model: str, device, dtype, local_files_only: bool = False):
         options = {dtype_keyword(): dtype, "local_files_only": local_files_only}
         pipe = pipeline_class.from_pretrained(model, **options, **absent)
     except (OSError, ValueError) as error:
+        if local_files_only:  # a hub id offline: only a cached snapshot was there, and part of it is missing
+            raise CLIError(
+                f"--model {model}: the Hugging Face cache holds only part of it and HF_HUB_OFFLINE is set, so the "
+                f"rest cannot be downloaded ({error}); {model_download_hint(model)}"
+            ) from error
         raise CLIError(f"--model {model}: could not load it as a diffusers pipeline ({error})") from error
     pipe.set_progress_bar_config(disable=True)  # the CLI draws one bar over the whole run instead
     return pipe.to(device)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -570,6 +571,27 @@ def test_offline_sources_fail_at_once_naming_the_flag(tmp_path, capsys, monkeypa
     assert message in error and "pretrained_model_name_or_path" not in error
     if "not in the" in message:
         assert "HF_HUB_OFFLINE is set" in error and ("hf download" in error or "pass them with --reward-model" in error)
+
+
+def test_a_partly_cached_hub_model_offline_names_the_download(tmp_path, capsys, monkeypatch, model):
+    """HF_HUB_OFFLINE with a snapshot that holds model_index.json but no weights (an interrupted download): the error
+    says that part is missing and how to get the rest, not only diffusers' file-not-found."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    snapshot = cache / "models--owner--partial-sd" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    shutil.copy(Path(model) / "model_index.json", snapshot)
+    (cache / "models--owner--partial-sd" / "refs").mkdir()
+    (cache / "models--owner--partial-sd" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    arguments = ["--nfe-budget", "8", "--steps", "4", "--device", "cpu", *JPEG]
+    assert cli.main(["generate", "--out", str(tmp_path / "run"), "--model", "owner/partial-sd", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert "--model owner/partial-sd: the Hugging Face cache holds only part of it and HF_HUB_OFFLINE is set" in error
+    assert "hf download owner/partial-sd" in error
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
 
 
 def test_an_unreachable_hub_fails_in_one_request(tmp_path, capsys, monkeypatch, model, no_hub):
