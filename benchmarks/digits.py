@@ -137,18 +137,25 @@ METRICS = ("nfe", "judge_accuracy", "fid", "diversity", "best_reward", "mean_rew
 
 
 def aggregate(rows: list[dict], task: str) -> dict:
-    """Mean over digits and seeds per (method, budget): {label: {budget: {metric: mean}}}."""
+    """Mean over digits and seeds per (method, budget), with the FID's standard error over those runs ("fid_se": a
+    256-image FID moves by ±100 between runs, so a gap between means is only read against it):
+    {label: {budget: {metric: mean}}}."""
     table: dict = {}
     for row in rows:
         if row["task"] == task:
             table.setdefault(row["method"], {}).setdefault(row["budget"], []).append(row)
     return {
         label: {
-            budget: {key: float(np.mean([r[key] for r in picked])) for key in METRICS}
+            budget: {key: float(np.mean([r[key] for r in picked])) for key in METRICS} | {"fid_se": fid_se(picked)}
             for budget, picked in sorted(curve.items())
         }
         for label, curve in table.items()
     }
+
+
+def fid_se(runs: list[dict]) -> float:
+    fids = [run["fid"] for run in runs]
+    return float(np.std(fids, ddof=1) / np.sqrt(len(fids))) if len(fids) > 1 else float("nan")
 
 
 def nfe_curve(curve: dict, key: str) -> dict:
@@ -194,14 +201,14 @@ def markdown(sampling: dict, search: dict, found: dict, args) -> str:
         f"λ={args.lam}, {args.draws} images drawn per run; mean over digits and seeds.",
         "",
         "Sampling (reward log p(digit | x)), ranked by FID in the held-out judge's feature space "
-        "(cell: FID / judge accuracy / diversity):",
+        "(cell: FID ± its standard error over the runs / judge accuracy / diversity):",
         "",
         *ranking_table(
             sampling,
             shown,
             "fid",
             True,
-            lambda p: f"{p['fid']:.3g} / {p['judge_accuracy']:.2f} / {p['diversity']:.3g}",
+            lambda p: f"{p['fid']:.0f} ± {p['fid_se']:.0f} / {p['judge_accuracy']:.2f} / {p['diversity']:.3g}",
         ),
         "",
         "Search (reward: the digit's logit), ranked by the best reward found (cell: best reward / mean reward / judge "
