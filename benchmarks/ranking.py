@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from dts_diffusers.methods import METHODS, sampler_option_names
+
 
 def ranking_table(
     table: dict, budgets: list, key: str, lower_is_better: bool, cell: Callable[[dict], str]
@@ -41,9 +43,23 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
-    """'LABEL=METHOD[:JSON options]' -> (label, (method, options)), for side-by-side design experiments."""
-    head, brace, options = spec.partition(":{")
+    """'LABEL=METHOD[:JSON options]' -> (label, (method, options)), for side-by-side design experiments. Options
+    are checked by name here: `build_sampler` drops the options a method does not take (so one set of arguments can
+    drive every method), and a misspelled one would silently run the default."""
+    head, brace, text = spec.partition(":{")
     label, _, method = head.rpartition("=")  # the label may hold "=" (β=1), the method name does not
     if not label or not method:
         raise SystemExit(f"--sampler {spec!r}: expected LABEL=METHOD[:JSON options]")
-    return label, (method, json.loads("{" + options) if brace else {})
+    if method not in METHODS:
+        raise SystemExit(f"--sampler {spec!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    try:
+        options = json.loads("{" + text) if brace else {}
+    except ValueError as error:
+        raise SystemExit(f"--sampler {spec!r}: the options are not a JSON object ({error})") from error
+    accepted = {*sampler_option_names(method), "branch_levels"}  # every method takes its levels (build_sampler)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise SystemExit(
+            f"--sampler {spec!r}: {method} has no option {', '.join(unknown)}; it takes {sorted(accepted)}"
+        )
+    return label, (method, options)

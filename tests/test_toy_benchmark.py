@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from benchmark_scripts import BENCHMARKS, loaded_benchmark
@@ -50,3 +51,21 @@ def test_a_committed_report_rebuilds_with_head_to_head_lines(toy):
     assert share == pytest.approx(sum(a < b for a in ours for b in theirs) / 100)
     line = next(t for t in text.splitlines() if t.startswith("- DTS (β=0.75, k=2) is closer to π* than best-of-N"))
     assert f"{100 * share:.0f} % at NFE 100000; than SMC" in line  # every budget, the largest last
+
+
+def test_a_sampler_spec_names_a_misspelled_option_instead_of_running_the_default():
+    with loaded_benchmark("ranking") as ranking:
+        label, (method, options) = ranking.parse_sampler('DTS (β=1)=dts:{"level_cost_exponent": 1}')
+        assert (label, method, options) == ("DTS (β=1)", "dts", {"level_cost_exponent": 1})
+        assert ranking.parse_sampler('SMC ten=smc:{"branch_levels": [20, 10]}')[1] == (
+            "smc",
+            {"branch_levels": [20, 10]},
+        )
+        for spec, message in [
+            ('x=dts:{"level_cost_exponant": 1}', "dts has no option level_cost_exponant"),
+            ("x=dst", "unknown method 'dst'"),
+            ("x=dts:{level: 1}", "not a JSON object"),
+            ("dts", "expected LABEL=METHOD"),
+        ]:
+            with pytest.raises(SystemExit, match=re.escape(message)):
+                ranking.parse_sampler(spec)
