@@ -57,9 +57,15 @@ def build_sampler(method: str, prior: Callable, transition: Callable, reward: Ca
     `resampling=`, `ess_threshold=`, `num_particles=`). The particle methods and DFS take local search options
     (`local_search_steps=`, `local_search_step_size=`, with `renoise=`). `branch_levels=` sets the evaluation levels
     of the particle methods and DFS. Options a method does not use are dropped, so one set of arguments can drive
-    every method.
+    every method; a name that no method takes (a typo) raises instead of silently running the default.
     """
     cls = sampler_class(method)
+    unknown = sorted(set(options) - {"branch_levels", *(name for m in METHODS for name in sampler_option_names(m))})
+    if unknown:
+        raise TypeError(
+            f"build_sampler got unknown option(s) {', '.join(unknown)}; {method!r} takes "
+            f"{', '.join(sampler_option_names(method))} (and branch_levels)"
+        )
     if "mode" in TREE_PRESETS.get(method, {}):
         options = {**options, "mode": TREE_PRESETS[method]["mode"]}  # "dts*" searches whatever mode= says
     if "branch_levels" in options and cls is not DTS and "eval_levels" not in PARTICLE_PRESETS.get(method, {}):

@@ -176,3 +176,13 @@ def test_local_search_needs_a_differentiable_reward_and_renoise(method):
     with pytest.raises(ValueError, match="local_search_steps must be a non-negative integer"):
         build_sampler(method, chain.prior, chain.transition, CHECKERBOARD.reward, 20, renoise=chain.renoise,
                       local_search_steps=-1)  # fmt: skip
+
+
+def test_build_sampler_refuses_an_option_no_method_takes_and_drops_the_others_options():
+    """One set of arguments drives every method (SMC ignores the tree's options), but a misspelled option is an
+    error, not a silent default."""
+    chain = TASK.chain
+    smc = build_sampler("smc", chain.prior, chain.transition, TASK.reward, 20, level_cost_exponent=1.0, seed=0)
+    assert not hasattr(smc, "level_cost_exponent")  # a tree option, dropped for SMC
+    with pytest.raises(TypeError, match=r"unknown option\(s\) level_cost_exponant; 'dts' takes .*level_cost_exponent"):
+        build_sampler("dts", chain.prior, chain.transition, TASK.reward, 20, level_cost_exponant=1.0)
