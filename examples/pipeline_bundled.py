@@ -2,7 +2,7 @@
 
 The reward is the bundled classifier's log-probability of the digit 3; λ = 0 samples the base model. For Stable
 Diffusion 1.x / 2.x, pass a hub id or folder instead (e.g. "stable-diffusion-v1-5/stable-diffusion-v1-5",
-torch_dtype=torch.float16, then .to("cuda")) and a reward such as "image-reward".
+dtype=torch.float16, then .to("cuda")) and a reward such as "image-reward".
 
     python examples/pipeline_bundled.py
 """
