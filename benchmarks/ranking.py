@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from dts_diffusers.methods import METHODS, sampler_option_names
+from dts_diffusers.methods import METHODS, build_sampler_options
 
 
 def ranking_table(
@@ -56,10 +56,8 @@ def parse_sampler(spec: str) -> tuple[str, tuple[str, dict]]:
         options = json.loads("{" + text) if brace else {}
     except ValueError as error:
         raise SystemExit(f"--sampler {spec!r}: the options are not a JSON object ({error})") from error
-    accepted = {*sampler_option_names(method), "branch_levels"}  # every method takes its levels (build_sampler)
-    unknown = sorted(set(options) - accepted)
+    accepted = build_sampler_options(method)
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise SystemExit(
-            f"--sampler {spec!r}: {method} has no option {', '.join(unknown)}; it takes {sorted(accepted)}"
-        )
+        raise SystemExit(f"--sampler {spec!r}: {method} has no option {', '.join(unknown)}; it takes {accepted}")
     return label, (method, options)

@@ -48,6 +48,12 @@ def sampler_option_names(method: str) -> list[str]:
     return parameters[5:]  # self, prior, transition, reward, num_steps
 
 
+def build_sampler_options(method: str) -> list[str]:
+    """The keywords `build_sampler` passes on for `method`: its sampler's own, and `branch_levels` (every method's
+    levels: the tree's branch levels, the particle methods' and DFS's evaluation levels)."""
+    return ["branch_levels", *(name for name in sampler_option_names(method) if name != "branch_levels")]
+
+
 def build_sampler(method: str, prior: Callable, transition: Callable, reward: Callable, num_steps: int, **options):
     """Build a sampler with `run(nfe_budget)`, `sample(n)`, `best()`, `nfe` and `stats()`.
 
@@ -60,11 +66,11 @@ def build_sampler(method: str, prior: Callable, transition: Callable, reward: Ca
     every method; a name that no method takes (a typo) raises instead of silently running the default.
     """
     cls = sampler_class(method)
-    unknown = sorted(set(options) - {"branch_levels", *(name for m in METHODS for name in sampler_option_names(m))})
+    unknown = sorted(set(options) - {name for m in METHODS for name in build_sampler_options(m)})
     if unknown:
         raise TypeError(
             f"build_sampler got unknown option(s) {', '.join(unknown)}; {method!r} takes "
-            f"{', '.join(sampler_option_names(method))} (and branch_levels)"
+            f"{', '.join(build_sampler_options(method))}"
         )
     if "mode" in TREE_PRESETS.get(method, {}):
         options = {**options, "mode": TREE_PRESETS[method]["mode"]}  # "dts*" searches whatever mode= says
