@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranking import write_atomically
+from ranking import nfe_to_reach, write_atomically
 
 DATA = Path(__file__).parent / "data" / "drawbench.csv"
 CATEGORIES = (
@@ -559,22 +559,6 @@ def summarize(rows: list[dict]) -> dict:
     return table
 
 
-def nfe_to_reach(curve: dict[int, float], target: float) -> tuple[int | None, float | None]:
-    """The first budget whose value reaches `target`, and the NFE interpolated linearly in log NFE between it and the
-    budget before (None, None when no budget does)."""
-    previous = None
-    for budget, value in sorted(curve.items()):
-        if value >= target:
-            if previous is None or previous[1] >= value:
-                return budget, float(budget)
-            fraction = (target - previous[1]) / (value - previous[1])
-            return budget, float(
-                math.exp(math.log(previous[0]) + fraction * (math.log(budget) - math.log(previous[0])))
-            )
-        previous = (budget, value)
-    return None, None
-
-
 def reach_table(table: dict, reference: str = "best-of-N") -> dict:
     """Per method, the NFE at which its mean max reward reaches the reference's at the reference's largest budget."""
     if reference not in table:
@@ -583,7 +567,7 @@ def reach_table(table: dict, reference: str = "best-of-N") -> dict:
     target = table[reference][largest]["max_reward"]
     found = {}
     for label, curve in table.items():
-        budget, interpolated = nfe_to_reach({b: p["max_reward"] for b, p in curve.items()}, target)
+        budget, interpolated = nfe_to_reach({b: p["max_reward"] for b, p in curve.items()}, target, False)
         found[label] = {
             "reference_budget": largest,
             "target": target,

@@ -1,8 +1,10 @@
-"""Helpers shared by the benchmarks: ranking tables, first budgets reaching a target, atomic writes, sampler specs."""
+"""Helpers shared by the benchmarks: ranking tables, the NFE a curve needs to reach a target, atomic writes,
+sampler specs."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -25,12 +27,21 @@ def ranking_table(
     return lines
 
 
-def first_reaching(curve: dict, target: float, lower_is_better: bool = True) -> int | None:
-    """The first budget of `curve` ({budget: value}, in budget order) whose value reaches `target`, else None."""
-    for budget, value in curve.items():
-        if (value <= target) if lower_is_better else (value >= target):
-            return int(budget)
-    return None
+def nfe_to_reach(curve: dict, target: float, lower_is_better: bool = True) -> tuple[int | None, float | None]:
+    """The first budget of `curve` ({budget: value}) whose value reaches `target`, and the NFE interpolated linearly
+    in log NFE between it and the budget before (None, None when no budget does): a grid of budgets doubling at each
+    step would otherwise report up to twice the NFE a method needs."""
+    sign = -1.0 if lower_is_better else 1.0
+    previous = None
+    for budget, value in sorted(curve.items()):
+        if sign * value >= sign * target:
+            if previous is None or sign * previous[1] >= sign * value:
+                return int(budget), float(budget)
+            fraction = (target - previous[1]) / (value - previous[1])
+            log_nfe = math.log(previous[0]) + fraction * (math.log(budget) - math.log(previous[0]))
+            return int(budget), float(math.exp(log_nfe))
+        previous = (budget, value)
+    return None, None
 
 
 def write_atomically(path: Path, text: str) -> None:

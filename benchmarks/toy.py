@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from engine_cost import bookkeeping_by_size
-from ranking import first_reaching, parse_sampler, ranking_table, write_atomically
+from ranking import nfe_to_reach, parse_sampler, ranking_table, write_atomically
 from scipy.stats import wasserstein_distance
 
 from dts_diffusers.methods import build_sampler
@@ -262,7 +262,7 @@ def reaching(entry: dict, key: str, target: float) -> dict:
     The ratio is DTS's NFE over the best baseline's (below 1: DTS needs less); a method that never reaches the
     target within the budgets gets None, and so does the ratio when either side never reaches it."""
     table = medians(entry, (key,))
-    nfe = {m: first_reaching({b: p[key] for b, p in table[m].items()}, target) for m in table}
+    nfe = {m: nfe_to_reach({b: p[key] for b, p in table[m].items()}, target)[0] for m in table}
     reached = [nfe[m] for m in BASELINES if nfe.get(m) is not None]
     dts = nfe.get("DTS")
     return {
@@ -312,11 +312,11 @@ def search_reaching(entry: dict) -> dict:
     target = entry["summary"]["best_reward"]["best-of-N"][str(largest)]["median"]
     out = {"target": target, "budget": largest, "methods": {}}
     for label, curves in entry.get("traces", {}).items():
-        per_seed = [first_reaching(dict(c), target, lower_is_better=False) for c in curves.values()]
+        per_seed = [nfe_to_reach(dict(c), target, lower_is_better=False)[0] for c in curves.values()]
         points = [dict(c) for c in curves.values()]
         common = sorted(set.intersection(*(set(p) for p in points)))
         median_curve = {n: float(np.median([p[n] for p in points])) for n in common}
-        nfe = first_reaching(median_curve, target, lower_is_better=False)
+        nfe = nfe_to_reach(median_curve, target, lower_is_better=False)[0]
         out["methods"][label] = {
             "nfe_median_curve": nfe,
             "nfe_per_seed": per_seed,

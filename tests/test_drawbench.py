@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 
 import PIL.Image
@@ -56,12 +55,6 @@ def test_prompt_selection(drawbench):
         drawbench.select_prompts(prompts, None, ["Colours"], None)
     with pytest.raises(drawbench.SetupError, match=r"numbered 0\.\.199"):
         drawbench.select_prompts(prompts, [200], None, None)
-
-
-def test_nfe_to_reach_interpolates_in_log_nfe(drawbench):
-    assert drawbench.nfe_to_reach({1000: 1.0, 2000: 1.2, 4000: 1.4}, 1.3) == (4000, pytest.approx(2000 * math.sqrt(2)))
-    assert drawbench.nfe_to_reach({1000: 1.0, 2000: 1.2}, 0.9) == (1000, 1000.0)
-    assert drawbench.nfe_to_reach({1000: 1.0, 2000: 1.2}, 1.5) == (None, None)
 
 
 def row(prompt: int, method: str, budget: int, reward: float) -> dict:

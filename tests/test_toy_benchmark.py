@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -69,3 +70,16 @@ def test_a_sampler_spec_names_a_misspelled_option_instead_of_running_the_default
         ]:
             with pytest.raises(SystemExit, match=re.escape(message)):
                 ranking.parse_sampler(spec)
+
+
+def test_nfe_to_reach_interpolates_in_log_nfe_either_way():
+    """Rewards rise to a target, distances fall to one: the first budget reaching it and the NFE between the grid's
+    budgets, linear in log NFE."""
+    with loaded_benchmark("ranking") as ranking:
+        rising = {1000: 1.0, 2000: 1.2, 4000: 1.4}
+        assert ranking.nfe_to_reach(rising, 1.3, lower_is_better=False) == (4000, pytest.approx(2000 * math.sqrt(2)))
+        assert ranking.nfe_to_reach(rising, 0.9, lower_is_better=False) == (1000, 1000.0)
+        assert ranking.nfe_to_reach(rising, 1.5, lower_is_better=False) == (None, None)
+        falling = {1000: 400.0, 2000: 300.0, 8000: 200.0}
+        assert ranking.nfe_to_reach(falling, 250.0) == (8000, pytest.approx(4000.0))
+        assert ranking.nfe_to_reach(falling, 100.0) == (None, None)
