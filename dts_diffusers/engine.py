@@ -107,6 +107,15 @@ def level_shares(open_levels: list[int], num_steps: int, beta: float, equal_top:
     return {lv: even for lv in top} | {lv: left * w / sum(weights.values()) for lv, w in weights.items()}
 
 
+def branches_at_x_t(node_levels: list[int], num_steps: int) -> bool:
+    """Whether the frontier gives x_T nodes more than their first child: only where that child's level lies in the
+    chain's first EQUAL_SHARE_FRACTION, where a trajectory still commits to a mode (a chain branching every T/10).
+    With the paper's five levels the child sits a fifth of the chain below x_T, which carries little of x_0: a second
+    child costs the whole chain, as a new x_T seed does, and is less independent of its siblings, so the x_T level's
+    share goes to new seeds and the levels below (measured on the toy tasks and digits: README, round 9)."""
+    return len(node_levels) > 2 and node_levels[1] > (1 - EQUAL_SHARE_FRACTION) * num_steps
+
+
 def high_noise_levels(open_levels: list[int], num_steps: int) -> int:
     """How many of `open_levels` (the root's x_T seeds first) expand in the chain's first EQUAL_SHARE_FRACTION,
     level ℓ > (1 − fraction)·T: where a trajectory commits to a mode, so where independent lineages count, however
@@ -247,9 +256,11 @@ class DTS:
       m(parent)·exp(κ·λ·Δh)/K(parent): SMC's resampling carried out over time, with the tree's reuse (rollouts start
       at every level). ``equal_share_levels`` k keeps the top k levels (the root's x_T seeds first) at the equal
       share 1/(levels + 1); ``level_cost_exponent`` β splits the rest ∝ cost^-β (a child at level ℓ costs ℓ NFE;
-      0: equal counts, 1: equal NFE). The defaults, β = 0.75 and k = None (the levels expanded in the chain's first
-      fifth, ℓ > 0.8·T: two on five branch levels, three on ten), are the best measured (README: ten seeds on the
-      toy tasks and the digits benchmark).
+      0: equal counts, 1: equal NFE). ``branch_at_x_t`` (None: `branches_at_x_t`) says whether x_T nodes get more
+      than their first child: not with the paper's five levels, whose x_T level's share goes to new seeds and the
+      levels below; yes on a chain branching every T/10. The defaults, β = 0.75, k = None (the levels expanded in
+      the chain's first fifth, ℓ > 0.8·T: the x_T seeds alone on five branch levels, three levels on ten) and
+      branch_at_x_t = None, are the best measured (README: ten to twenty seeds on the toy tasks, digits).
     - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
       ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
 
@@ -298,6 +309,7 @@ class DTS:
         search_backup: str = "max",
         level_cost_exponent: float = 0.75,
         equal_share_levels: int | None = None,
+        branch_at_x_t: bool | None = None,
         level_allocation: str = "fixed",
         guide_spread_cap: float | None = 3.0,
         batch_size: int = 16,
@@ -365,7 +377,12 @@ class DTS:
         self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
         self._guided = estimator in ("nested", "frontier")
         self._frontier = estimator == "frontier" and mode == "sample"  # search descends from the root (below)
-        open_levels = [num_steps + 1, *self.node_levels[:-1]]
+        if branch_at_x_t is None:
+            branch_at_x_t = branches_at_x_t(self.node_levels, num_steps)
+        elif not isinstance(branch_at_x_t, bool):
+            raise TypeError(f"branch_at_x_t must be True, False or None (the chain decides) (got {branch_at_x_t!r})")
+        self.branch_at_x_t = bool(branch_at_x_t)
+        open_levels = [num_steps + 1, *(lv for lv in self.node_levels[:-1] if lv != num_steps or branch_at_x_t)]
         if equal_share_levels is None:
             equal_share_levels = high_noise_levels(open_levels, num_steps)
         self.equal_share_levels = int(equal_share_levels)
@@ -626,7 +643,7 @@ class DTS:
         children, so every value stays an unbiased nested estimate; yet a node that reaches a good region multiplies
         across the whole level, as an SMC particle does, instead of competing only with its siblings."""
         tree = self.tree
-        open_levels = [self.num_steps + 1, *self._masses.open_levels()]
+        open_levels = [self.num_steps + 1, *(lv for lv in self._masses.open_levels() if lv in self._level_shares)]
         counts = self._expansions_by_level
         shares = self._neyman_shares(open_levels) if self.level_allocation == "neyman" else None
         shares = shares or self._level_shares

@@ -50,14 +50,15 @@ def test_nested_and_held_out_estimators_are_unbiased_where_the_papers_rule_is_no
 
 
 def test_cost_aware_level_shares_spend_equal_nfe_per_level():
-    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=0).run(20_000).stats()
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=0, branch_at_x_t=True).run(20_000).stats()
     costs = [20, 20, 16, 12, 8, 4]  # a new x_T seed, then a child of each node level, in NFE
     assert st["nfe_per_leaf"] == pytest.approx(len(costs) / sum(1 / c for c in costs), rel=0.02)
     spent = list(st["nfe_by_level"].values())
     assert len(spent) == len(costs) and max(spent) < 1.01 * min(spent)  # the root's key is its x_T seeds' level 21
-    half = make(seed=0, level_cost_exponent=0.5, equal_share_levels=0).run(20_000).stats()["nfe_per_leaf"]
-    assert 9.7 < half < 80 / 6  # between equal NFE and equal counts
-    assert 9.7 < make(seed=0).run(20_000).stats()["nfe_per_leaf"] < 0.62 * 20  # the default: β = 0.75, k = 2
+    half = make(seed=0, level_cost_exponent=0.5, equal_share_levels=0, branch_at_x_t=True).run(20_000).stats()
+    assert 9.7 < half["nfe_per_leaf"] < 80 / 6  # between equal NFE and equal counts
+    # the default: β = 0.75, the x_T seeds at the equal share, x_T nodes one child each: under 0.6·T
+    assert 9.7 < make(seed=0).run(20_000).stats()["nfe_per_leaf"] < 0.6 * 20
     with pytest.raises(ValueError, match="level_cost_exponent must lie in"):
         make(level_cost_exponent=2.0)
 
@@ -71,22 +72,34 @@ def test_level_shares_keep_the_top_levels_even_and_split_the_rest_by_cost():
     assert sum(shares.values()) == pytest.approx(1.0) and shares[21] == pytest.approx(1 / 6)
     below = {lv: share * min(lv, 20) for lv, share in shares.items() if lv != 21}  # NFE spent per level
     assert max(below.values()) == pytest.approx(min(below.values()))
-    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=1).run(20_000).stats()
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=1, branch_at_x_t=True).run(20_000).stats()
     assert st["nfe_by_level"][21] == pytest.approx(st["nfe"] / 6 * 20 / st["nfe_per_leaf"], rel=0.02)
 
 
 def test_by_default_the_levels_of_the_chains_first_fifth_take_equal_shares():
-    """Two of six levels on a 20-step chain branching every 4 (the root's seeds and x_T's children), three of eleven
-    on the 100-step chain branching every 10 (also level 90's): the levels where a trajectory commits to a mode."""
-    from dts_diffusers.engine import high_noise_levels
+    """On the 100-step chain branching every 10, three of eleven levels (the root's seeds, x_T's children, level
+    90's): the levels where a trajectory commits to a mode. On a 20-step chain branching every 4 the x_T nodes'
+    children lie a fifth of the chain below x_T: x_T nodes keep one child, and the seeds alone take the equal share."""
+    from dts_diffusers.engine import branches_at_x_t, high_noise_levels
     from dts_diffusers.toy import long_chain
 
     assert high_noise_levels([21, 20, 16, 12, 8, 4], 20) == 2
+    assert high_noise_levels([21, 16, 12, 8, 4], 20) == 1
     assert high_noise_levels([101, *range(100, 0, -10)], 100) == 3
-    assert make(seed=0).equal_share_levels == 2
+    assert not branches_at_x_t([20, 16, 12, 8, 4, 0], 20) and branches_at_x_t([20, 17, 12, 0], 20)
+    assert branches_at_x_t([100, *range(90, -1, -10)], 100) and not branches_at_x_t([50, 0], 50)
+    default = make(seed=0).run(20_000)
+    assert (default.equal_share_levels, default.branch_at_x_t) == (1, False)
+    tree = default.tree
+    x_t_nodes = np.flatnonzero(tree.level_np[: tree.size] == 20)
+    assert x_t_nodes.size > 100 and tree.child_count_np[x_t_nodes].max() == 1
+    branching = make(seed=0, branch_at_x_t=True).run(20_000)
+    assert branching.equal_share_levels == 2 and branching._expansions_by_level[20] > 100
+    with pytest.raises(TypeError, match="branch_at_x_t must be True, False or None"):
+        make(branch_at_x_t=1)
     chain = long_chain()
     dts = make(chain, seed=0, branch_levels=chain.branch_levels).run(20_000)
-    assert dts.equal_share_levels == 3
+    assert dts.equal_share_levels == 3 and dts.branch_at_x_t
     counts = dts._expansions_by_level
     assert counts[101] == pytest.approx(counts[100], abs=2) and counts[100] == pytest.approx(counts[90], abs=2)
     assert counts[80] < 0.7 * counts[90] and counts[10] > 1.5 * counts[90]  # below: ∝ cost^-0.75
@@ -109,7 +122,7 @@ def test_neyman_level_allocation_moves_expansions_to_where_outcomes_still_vary()
     fixed rule gives every level the same count) on every seed, and well under them on the median seed."""
     ratios = []
     for seed in range(5):
-        dts = make(seed=seed, level_allocation="neyman").run(20_000)
+        dts = make(seed=seed, level_allocation="neyman", branch_at_x_t=True).run(20_000)
         counts = dts._expansions_by_level
         ratios.append(counts[4] / min(counts[lv] for lv in (8, 12, 16)))
         assert dts.stats()["draw_eligible_leaves"] == dts.stats()["leaves"]
@@ -122,12 +135,12 @@ def test_default_rollouts_start_deep_and_every_leaf_can_be_drawn():
     from dts_diffusers.engine import level_shares
 
     st = make(seed=0).run(20_000).stats()
-    # the frontier expands each level (x_T seeds included) its share of the time: the top two 1/6 each, the rest
-    # ∝ cost^-0.75; a leaf costs the shares' mean of (20, 20, 16, 12, 8, 4) NFE, 12.2 (equal shares: 80 / 6)
-    costs = dict(zip([21, 20, 16, 12, 8, 4], [20, 20, 16, 12, 8, 4], strict=True))
-    shares = level_shares(list(costs), 20, 0.75, equal_top=2)
+    # the frontier expands each level (x_T seeds included, x_T nodes not: they keep one child) its share of the
+    # time: the seeds 1/5, the rest ∝ cost^-0.75; a leaf costs the shares' mean of (20, 16, 12, 8, 4) NFE, 10.6
+    costs = dict(zip([21, 16, 12, 8, 4], [20, 16, 12, 8, 4], strict=True))
+    shares = level_shares(list(costs), 20, 0.75, equal_top=1)
     assert st["nfe_per_leaf"] == pytest.approx(sum(shares[lv] * c for lv, c in costs.items()), rel=0.01)
-    assert st["nfe_per_leaf"] <= 0.61 * TASK.num_steps
+    assert st["nfe_per_leaf"] <= 0.55 * TASK.num_steps
     narrow = make(seed=0, estimator="nested", widening=Widening(1.0, 0.4, 0.2, 0.9)).run(20_000).stats()
     assert narrow["nfe_per_leaf"] <= 0.6 * TASK.num_steps
     assert sum(st["nfe_by_level"].values()) == st["nfe"]
