@@ -13,10 +13,10 @@ the child's stored seed, so any evicted latent can be replayed. One NFE is one t
 The default tree is allocated by a heuristic of the node's *state* (the reward of its one-step prediction x̂_0, which
 the denoiser returns with its step: no extra NFE, one reward call) and estimates every node's value by nested Monte
 Carlo over all its children. Since the tree's shape never depends on the rewards below a node, each node's
-exp(λ·V) estimate is unbiased and every leaf can be drawn. Its "frontier" expands every level, the cheap low-noise
-ones more often, at the node whose SMC-like mass is furthest ahead of its expansions, so rollouts start at every level
-and a good node multiplies across its level. The paper's Algorithm 1 is `estimator="paper"` with `PAPER_WIDENING`
-(method "dts-paper").
+exp(λ·V) estimate is unbiased and every leaf can be drawn. Its "frontier" expands every level (x_T nodes only on a
+finely branching chain), the cheap low-noise ones more often, at the node whose SMC-like mass is furthest ahead of its
+expansions, so rollouts start at every level and a good node multiplies across its level. The paper's Algorithm 1
+is `estimator="paper"` with `PAPER_WIDENING` (method "dts-paper").
 """
 
 from __future__ import annotations
