@@ -567,7 +567,8 @@ def reach_table(table: dict, reference: str = "best-of-N") -> dict:
     target = table[reference][largest]["max_reward"]
     found = {}
     for label, curve in table.items():
-        budget, interpolated = nfe_to_reach({b: p["max_reward"] for b, p in curve.items()}, target, False)
+        rewards = {b: p["max_reward"] for b, p in curve.items()}
+        budget, interpolated = nfe_to_reach(rewards, target, lower_is_better=False)
         found[label] = {
             "reference_budget": largest,
             "target": target,

@@ -107,20 +107,26 @@ def level_shares(open_levels: list[int], num_steps: int, beta: float, equal_top:
     return {lv: even for lv in top} | {lv: left * w / sum(weights.values()) for lv, w in weights.items()}
 
 
+def commits_early(level: int, num_steps: int) -> bool:
+    """Whether `level` lies in the chain's first EQUAL_SHARE_FRACTION (ℓ > (1 − fraction)·T), where a trajectory
+    still commits to a mode, so where independent lineages count."""
+    return level > (1 - EQUAL_SHARE_FRACTION) * num_steps
+
+
 def branches_at_x_t(node_levels: list[int], num_steps: int) -> bool:
-    """Whether the frontier gives x_T nodes more than their first child: only where that child's level lies in the
-    chain's first EQUAL_SHARE_FRACTION, where a trajectory still commits to a mode (a chain branching every T/10).
-    With the paper's five levels the child sits a fifth of the chain below x_T, which carries little of x_0: a second
-    child costs the whole chain, as a new x_T seed does, and is less independent of its siblings, so the x_T level's
-    share goes to new seeds and the levels below (measured on the toy tasks and digits: README, round 9)."""
-    return len(node_levels) > 2 and node_levels[1] > (1 - EQUAL_SHARE_FRACTION) * num_steps
+    """Whether the frontier gives x_T nodes more than their first child: only where that child's level commits early
+    (`commits_early`: a chain branching every T/10). With the paper's five levels the child sits a fifth of the chain
+    below x_T, which carries little of x_0: a second child costs the whole chain, as a new x_T seed does, and is less
+    independent of its siblings, so the x_T level's share goes to new seeds and the levels below (measured on the toy
+    tasks and digits: README, round 9)."""
+    return len(node_levels) > 2 and commits_early(node_levels[1], num_steps)
 
 
 def high_noise_levels(open_levels: list[int], num_steps: int) -> int:
-    """How many of `open_levels` (the root's x_T seeds first) expand in the chain's first EQUAL_SHARE_FRACTION,
-    level ℓ > (1 − fraction)·T: where a trajectory commits to a mode, so where independent lineages count, however
-    densely the chain branches (two of six levels on 5 branch levels, three of eleven on a 100-step chain's ten)."""
-    return sum(level > (1 - EQUAL_SHARE_FRACTION) * num_steps for level in open_levels)
+    """How many of `open_levels` (the root's x_T seeds first) expand where a trajectory commits (`commits_early`),
+    however densely the chain branches (two of six levels on 5 branch levels with x_T branching, three of eleven on a
+    100-step chain's ten)."""
+    return sum(commits_early(level, num_steps) for level in open_levels)
 
 
 def sibling_spread(values: np.ndarray, parents: np.ndarray) -> float:
