@@ -407,7 +407,8 @@ def sampling_section(name: str, entry: dict) -> list[str]:
     return [
         f"### Sampling, {name}",
         "",
-        f"Cell: {key.upper()} to π*{mass_note}; noise floor {entry['noise_floor'][key]:.3f}.",
+        f"{seed_count(entry)} seeds. Cell: {key.upper()} to π*{mass_note}; "
+        f"noise floor {entry['noise_floor'][key]:.3f}.",
         "",
         *ranking_table(medians(entry, keys), shown_budgets(entry["budgets"]), key, True, cell),
         "",
@@ -432,7 +433,7 @@ def search_section(name: str, entry: dict) -> list[str]:
     lines = [
         f"### Search, {name.removeprefix('search-')}",
         "",
-        f"Cell: mean reward of the {TOP} best samples returned / best reward found.",
+        f"{seed_count(entry)} seeds. Cell: mean reward of the {TOP} best samples returned / best reward found.",
         "",
         *ranking_table(
             medians(entry, ("top_mean_reward", "best_reward")),
@@ -463,8 +464,11 @@ def search_section(name: str, entry: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
+    counts = sorted({seed_count(entry) for part in ("sampling", "search") for entry in report[part].values()})
+    seeds = " or ".join(map(str, counts or [report["seeds"]]))
     lines = [
-        f"Medians over {report['seeds']} seeds; {report['draws']} draws per sampler; ranked at three budgets. "
+        f"Medians over {seeds} seeds (each section says how many); {report['draws']} draws per sampler; ranked at "
+        "three budgets. "
         "MMD: Gaussian kernels of bandwidths (0.5, 1, 2)·√(d/2).",
         "",
     ]
@@ -565,15 +569,20 @@ def empty_report(seeds: int, draws: int, quick: bool) -> dict:
 
 
 def merge_sampling(old: dict, new: dict) -> dict:
-    """A sampling task's entry with `new`'s rows replacing `old`'s of the same samplers (the others kept)."""
-    methods = {row["method"] for row in new["rows"]}
-    rows = [row for row in old["rows"] if row["method"] not in methods] + new["rows"]
+    """A sampling task's entry with `new`'s rows replacing `old`'s of the same sampler and seed, the others kept: one
+    sampler can be rerun alone, and runs of other seeds (another process, `--first-seed`) join the medians."""
+    runs = {(row["method"], row["seed"]) for row in new["rows"]}
+    rows = [row for row in old["rows"] if (row["method"], row["seed"]) not in runs] + new["rows"]
     return new | {"budgets": old["budgets"], "rows": rows, "summary": {k: summarise(rows, k) for k in old["summary"]}}
+
+
+def seed_count(entry: dict) -> int:
+    return len({row["seed"] for row in entry["rows"]})
 
 
 def merge(reports: list[dict]) -> dict:
     """One report with the task entries of all: a later file's search entry replaces an earlier one of the same task;
-    its sampling rows replace the earlier rows of the same samplers (so one sampler can be rerun alone)."""
+    its sampling rows replace the earlier rows of the same sampler and seed (`merge_sampling`)."""
     out = {k: v for k, v in reports[0].items() if k not in ("sampling", "search", "engine_cost")}
     out |= {"sampling": {}, "search": {}}
     for r in reports:
@@ -584,8 +593,8 @@ def merge(reports: list[dict]) -> dict:
         out["search"] |= r.get("search", {})
         if r.get("engine_cost"):
             out["engine_cost"] = out.get("engine_cost", {}) | r["engine_cost"]
-        if (r["seeds"], r["draws"]) != (out["seeds"], out["draws"]):
-            print(f"warning: merging reports with different seeds/draws ({r['seeds']}/{r['draws']})", flush=True)
+        if r["draws"] != out["draws"]:
+            print(f"warning: merging reports with different draws per sampler ({r['draws']})", flush=True)
     order = {name: i for i, name in enumerate(ALL_TASKS)}
     for part in ("sampling", "search"):
         out[part] = dict(sorted(out[part].items(), key=lambda kv: order.get(kv[0], len(order))))

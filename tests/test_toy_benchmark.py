@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 from benchmark_scripts import BENCHMARKS, loaded_benchmark
 
@@ -52,6 +53,25 @@ def test_a_committed_report_rebuilds_with_head_to_head_lines(toy):
     assert share == pytest.approx(sum(a < b for a in ours for b in theirs) / 100)
     line = next(t for t in text.splitlines() if t.startswith("- DTS (β=0.75, k=2) is closer to π* than best-of-N"))
     assert f"{100 * share:.0f} % at NFE 100000; than SMC" in line  # every budget, the largest last
+
+
+def test_merging_reports_of_other_seeds_pools_them_and_a_rerun_replaces_its_own_runs(toy):
+    report = json.loads((ROUND4 / "s10b.json").read_text())
+    entry = report["sampling"]["rare-mode-8d"]
+    first, second = json.loads(json.dumps(report)), json.loads(json.dumps(report))
+    first["sampling"] = {"rare-mode-8d": entry | {"rows": [r for r in entry["rows"] if r["seed"] < 7]}}
+    second["sampling"] = {"rare-mode-8d": entry | {"rows": [r for r in entry["rows"] if r["seed"] >= 7]}}
+    rerun = json.loads(json.dumps(report))
+    rerun_rows = [r | {"mmd": 0.0} for r in entry["rows"] if r["method"] == "best-of-N" and r["seed"] == 8]
+    rerun["sampling"] = {"rare-mode-8d": entry | {"rows": rerun_rows}}
+    merged = toy.merge([first, second, rerun])["sampling"]["rare-mode-8d"]
+    assert len(merged["rows"]) == len(entry["rows"])  # disjoint seeds joined, the rerun replaced its own runs
+    assert toy.seed_count(merged) == 10
+    best_of_n = [r for r in merged["rows"] if r["method"] == "best-of-N"]
+    assert [r["seed"] for r in best_of_n if r["mmd"] == 0.0] == [8] * len(rerun_rows)
+    at_largest = [r["mmd"] for r in best_of_n if r["budget"] == 100_000]
+    assert merged["summary"]["mmd"]["best-of-N"]["100000"]["median"] == pytest.approx(np.median(at_largest))
+    assert "10 seeds. Cell:" in toy.markdown(toy.finish({**report, "sampling": {"rare-mode-8d": merged}, "search": {}}))
 
 
 def test_a_sampler_spec_names_a_misspelled_option_instead_of_running_the_default():
