@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .noise import row_generators
+from .resampling import effective_size
 from .tree import (
     NO_SLOT,
     PAPER_WIDENING,
@@ -510,13 +511,15 @@ class DTS:
 
     def stats(self) -> dict:
         """Tree size, NFE accounting and diagnostics of reuse (NFE per leaf, NFE by expansion level), of the draw
-        rule (leaves it can reach, and the effective sample size (Σp)²/Σp² of its law over leaves) and of the guide
-        (each measured level's scale: under 1 where `guide_spread_cap` tempered it)."""
+        rule (leaves it can reach, the effective sample size (Σp)²/Σp² of its law over leaves, and per branch level
+        the same ESS over the nodes its descents pass through: how many independent lineages the draws rest on
+        there) and of the guide (each measured level's scale: under 1 where `guide_spread_cap` tempered it)."""
         tree = self.tree
         done = tree.done_np[: tree.size]
         levels = tree.level_np[: tree.size][done]
         leaves = int((levels == 0).sum())
-        probs = self._leaf_probabilities() if self.mode == "sample" else None
+        by_level = self._passage_probabilities() if self.mode == "sample" else None
+        probs = by_level.get(0) if by_level is not None else None
         return {
             "nodes": int(done.sum()) - 1,
             "leaves": leaves,
@@ -530,7 +533,10 @@ class DTS:
             "reward_evals": self.reward_evals,
             "guide_evals": self.guide_evals,
             "draw_eligible_leaves": int((probs > 0).sum()) if probs is not None else None,
-            "draw_ess": float(probs.sum() ** 2 / (probs**2).sum()) if probs is not None and leaves else None,
+            "draw_ess": effective_size(probs) if probs is not None and leaves else None,
+            "draw_ess_by_level": {lv: effective_size(p) for lv, p in by_level.items() if lv > 0 and p.size}
+            if by_level is not None and leaves
+            else None,
             "last_draw_distinct": self.last_draw_distinct,
             "stored_latent_bytes": self.store.bytes,
             "best_reward": self._best[1],
@@ -539,8 +545,9 @@ class DTS:
             "timings": self.timings.as_dict(),
         }
 
-    def _leaf_probabilities(self) -> np.ndarray:
-        """Probability of each finished leaf under the draw rule (descent ∝ exp(λ·value) over eligible children).
+    def _passage_probabilities(self) -> dict[int, np.ndarray]:
+        """{node level: the probability that a draw's descent passes through each node of that level it may enter}
+        (descent ∝ exp(λ·value) over eligible children); level 0 holds the finished leaves' draw probabilities.
 
         Node ids are created parent first, so one pass per level from the top fills them in."""
         tree = self.tree
@@ -563,10 +570,12 @@ class DTS:
         prob = np.zeros(n)
         prob[ROOT] = 1.0
         level = tree.level_np[:n]
+        by_level = {}
         for lv in self.node_levels:
             rows = ids[eligible & (level == lv)]
             prob[rows] = prob[parent[rows]] * weight[rows] / total[parent[rows]]
-        return prob[eligible & (level == 0)]
+            by_level[lv] = prob[rows]
+        return by_level
 
     # ---------------------------------------------------------------------------------------------------------
     # selection and expansion

@@ -58,6 +58,10 @@ def ssp(weights: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 RESAMPLERS = {"multinomial": multinomial, "systematic": systematic, "ssp": ssp}
 
 
+def effective_size(weights: np.ndarray) -> float:
+    """(Σw)²/Σw² of non-negative weights: how many equally weighted items they are worth."""
+    return float(weights.sum() ** 2 / (weights**2).sum())
+
+
 def effective_sample_size(log_weights: np.ndarray) -> float:
-    w = np.exp(log_weights - log_weights.max())
-    return float(w.sum() ** 2 / (w**2).sum())
+    return effective_size(np.exp(log_weights - log_weights.max()))

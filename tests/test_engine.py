@@ -158,7 +158,10 @@ def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
     tree = dts.tree
     probs = []
 
+    through = {}  # level -> probabilities of passing through each node of that level
+
     def descend(node, p):
+        through.setdefault(int(tree.level_np[node]), []).append(p)
         if tree.level_np[node] == 0:
             probs.append(p)
             return
@@ -176,6 +179,9 @@ def test_draw_ess_is_that_of_the_descent_law_over_leaves(estimator):
     st = dts.stats()
     assert st["draw_eligible_leaves"] == (probs > 0).sum()
     assert st["draw_ess"] == pytest.approx(probs.sum() ** 2 / (probs**2).sum())
+    lineages = {lv: np.array(p) for lv, p in through.items() if 0 < lv <= dts.num_steps}
+    assert st["draw_ess_by_level"] == pytest.approx({lv: p.sum() ** 2 / (p**2).sum() for lv, p in lineages.items()})
+    assert all(1 <= ess <= st["draw_ess"] + 1e-9 for ess in st["draw_ess_by_level"].values())  # lineages merge upward
 
 
 @pytest.mark.parametrize("mode", ["sample", "search"])
@@ -638,8 +644,8 @@ def test_draw_frequencies_follow_the_descent_law_over_leaves(options):
     dts = make(seed=4, **options).run(3000)
     tree = dts.tree
     leaves = np.flatnonzero(tree.level_np[: tree.size] == 0)
-    leaves = leaves[dts._drawable(leaves)[0]]  # the leaves _leaf_probabilities gives, in order
-    probs = dts._leaf_probabilities()
+    leaves = leaves[dts._drawable(leaves)[0]]  # the leaves _passage_probabilities gives, in order
+    probs = dts._passage_probabilities()[0]
     rng = np.random.default_rng(0)
     drawn = np.concatenate([dts._draw_leaves(997, rng) for _ in range(200)])
     assert np.isin(drawn, leaves[probs > 0]).all()
