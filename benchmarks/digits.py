@@ -14,7 +14,8 @@ The base model is prompted with "a handwritten digit" (no class). Two tasks, eve
 It reports the NFE at which DTS first matches the best sampling baseline's FID at its largest budget, and the NFE at
 which DTS* first matches best-of-N's best reward at its largest budget. Anytime methods (the tree, best-of-N)
 are grown through every budget; the others are rerun at every other budget. Writes benchmarks/results/digits.json,
-digits.png and digits.md. `--quick` runs tiny budgets (a smoke test, not results).
+digits.png and digits.md. `--quick` runs tiny budgets (a smoke test, not results). `--exact-reference N` runs no
+method: it writes the FID that M exact π* samples give (`exact_reference`), the scale the methods' FIDs are read on.
 """
 
 from __future__ import annotations
@@ -294,6 +295,54 @@ def plot(sampling: dict, search: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+EXACT_SIZES = (10, 15, 25, 35, 50, 75, 100, 200)
+
+
+def exact_reference(pipe, args, repeats: int = 64) -> dict:
+    """What an FID is worth in exact π* samples: the FID of `args.draws` images drawn from M exact samples of π*.
+
+    The reward log p(digit | x) is ≤ 0, so accepting a base-model sample with probability exp(λ·r) ≤ 1 samples π*
+    exactly (rejection). M accepted samples drawn `args.draws` times (each about draws / M times, as from M equally
+    weighted leaves) give the FID of a sampler whose draws rest on M independent exact samples; a method's FID then
+    reads as a number of exact samples, and its NFE over that number as its cost per exact sample."""
+    base = pipe(
+        PROMPT,
+        reward=load_reward("digit-classifier", digit=args.digits[0], output="log_prob"),
+        nfe_budget=args.exact_reference * args.steps,
+        mode="search",  # the n best of n particles: every base-model sample once, in reward order
+        method="best-of-n",
+        num_inference_steps=args.steps,
+        guidance_scale=1.0,
+        num_images_per_prompt=args.exact_reference,
+        rollout_batch_size=args.batch_size,
+        generator=torch.Generator("cpu").manual_seed(12345),
+        output_type="pt",
+    ).images.float()
+    features = digits.judge_features(base).double().numpy()
+    rng = np.random.default_rng(0)
+    per_digit = {}
+    for digit in args.digits:
+        reward = load_reward("digit-classifier", digit=digit, output="log_prob")
+        with torch.no_grad():
+            accept = np.exp(args.lam * reward(base).double().numpy())
+        real = digits.judge_features(digits.real_digit_images(digit)).double().numpy()
+        fids: dict[int, list[float]] = {}
+        for _ in range(repeats):
+            pool = features[rng.random(len(accept)) < accept]
+            for size in (m for m in EXACT_SIZES if m <= len(pool)):
+                chosen = pool[rng.choice(len(pool), size, replace=False)]
+                fids.setdefault(size, []).append(frechet_distance(chosen[np.resize(np.arange(size), args.draws)], real))
+        per_digit[digit] = {"acceptance": float(accept.mean()), "fid": {m: float(np.mean(v)) for m, v in fids.items()}}
+    sizes = [m for m in EXACT_SIZES if all(m in d["fid"] for d in per_digit.values())]
+    return {
+        "base_samples": args.exact_reference,
+        "repeats": repeats,
+        "draws": args.draws,
+        "fid_by_exact_samples": {m: float(np.mean([d["fid"][m] for d in per_digit.values()])) for m in sizes},
+        "per_digit": per_digit,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--digits", type=int, nargs="+", default=[0, 3, 7])
@@ -309,6 +358,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--from-json", type=Path, default=None, help="rewrite the tables and plot of an earlier run's JSON, run nothing"
+    )
+    parser.add_argument(
+        "--exact-reference",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of the methods: draw N base-model samples and write the FID of M exact π* samples "
+        "(digits_exact_reference.json), the scale a method's FID is read on",
     )
     parser.add_argument(
         "--sampler",
@@ -334,6 +391,12 @@ def main() -> None:
     pipe = DTSPipeline.from_pretrained(digits.bundled_model_path())
     pipe.set_progress_bar_config(disable=True)
     judge = digits.load_digit_classifier("judge")
+    if args.exact_reference:
+        reference = exact_reference(pipe, args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.out / "digits_exact_reference.json", json.dumps(reference, indent=2) + "\n")
+        print(json.dumps(reference["fid_by_exact_samples"]))
+        return
     rows, start = [], time.perf_counter()
     for digit in args.digits:
         real_features = digits.judge_features(digits.real_digit_images(digit)).double().numpy()

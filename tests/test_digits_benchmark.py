@@ -43,3 +43,19 @@ def test_the_committed_report_rebuilds_with_standard_errors(digits_benchmark):
     dts_2000 = sampling["DTS"][2000]
     assert f"DTS: {dts_2000['fid']:.0f} ± {dts_2000['fid_se']:.0f} /" in report
     assert (BENCHMARKS / "results" / "digits.md").read_text().strip() == report.strip()
+
+
+def test_exact_reference_accepts_base_samples_with_probability_exp_lambda_r(digits_benchmark):
+    """At λ = 0 every base-model sample is an exact π* sample (π* is the base law), so every size the pool allows is
+    measured; at λ = 1 the classifier's p(digit | x) rejects most of them."""
+    from dts_diffusers import DTSPipeline, digits
+
+    pipe = DTSPipeline.from_pretrained(digits.bundled_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    args = type("Args", (), {"digits": [3], "exact_reference": 24, "steps": 4, "batch_size": 24, "draws": 16})
+    flat = digits_benchmark.exact_reference(pipe, type("Flat", (args,), {"lam": 0.0}), repeats=2)
+    assert flat["per_digit"][3]["acceptance"] == 1.0
+    assert list(flat["fid_by_exact_samples"]) == [10, 15]  # the sizes up to the 24 samples drawn
+    assert all(math.isfinite(v) and v > 0 for v in flat["fid_by_exact_samples"].values())
+    tilted = digits_benchmark.exact_reference(pipe, type("Tilted", (args,), {"lam": 1.0}), repeats=2)
+    assert 0 < tilted["per_digit"][3]["acceptance"] < 0.5  # about one digit in ten is a 3
