@@ -68,6 +68,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
 
 
+def real_digit_features(digit: int) -> np.ndarray:
+    """The judge's features of every real image of `digit`: what the FIDs are measured against."""
+    return digits.judge_features(digits.real_digit_images(digit)).double().numpy()
+
+
 def mean_pairwise_distance(features: np.ndarray) -> float:
     distances = np.sqrt(((features[:, None] - features[None]) ** 2).sum(-1))
     n = len(features)
@@ -325,7 +330,7 @@ def exact_reference(pipe, args, repeats: int = 64) -> dict:
         reward = load_reward("digit-classifier", digit=digit, output="log_prob")
         with torch.no_grad():
             accept = np.exp(args.lam * reward(base).double().numpy())
-        real = digits.judge_features(digits.real_digit_images(digit)).double().numpy()
+        real = real_digit_features(digit)
         fids: dict[int, list[float]] = {}
         for _ in range(repeats):
             pool = features[rng.random(len(accept)) < accept]
@@ -390,16 +395,16 @@ def main() -> None:
     torch.manual_seed(0)
     pipe = DTSPipeline.from_pretrained(digits.bundled_model_path())
     pipe.set_progress_bar_config(disable=True)
-    judge = digits.load_digit_classifier("judge")
     if args.exact_reference:
         reference = exact_reference(pipe, args)
         args.out.mkdir(parents=True, exist_ok=True)
         write_atomically(args.out / "digits_exact_reference.json", json.dumps(reference, indent=2) + "\n")
         print(json.dumps(reference["fid_by_exact_samples"]))
         return
+    judge = digits.load_digit_classifier("judge")  # the methods' runs only: the exact reference reads FIDs alone
     rows, start = [], time.perf_counter()
     for digit in args.digits:
-        real_features = digits.judge_features(digits.real_digit_images(digit)).double().numpy()
+        real_features = real_digit_features(digit)
         for task in args.tasks:
             # differentiable for local search; under the pipeline's no_grad the other methods build no graph
             reward = load_reward("digit-classifier", digit=digit, output=REWARD_OUTPUT[task], differentiable=True)

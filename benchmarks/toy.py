@@ -464,8 +464,7 @@ def search_section(name: str, entry: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    counts = sorted({seed_count(entry) for part in ("sampling", "search") for entry in report[part].values()})
-    seeds = " or ".join(map(str, counts or [report["seeds"]]))
+    seeds = " or ".join(map(str, seed_counts(report) or [report["seeds"]]))
     lines = [
         f"Medians over {seeds} seeds (each section says how many); {report['draws']} draws per sampler; ranked at "
         "three budgets. "
@@ -580,6 +579,11 @@ def seed_count(entry: dict) -> int:
     return len({row["seed"] for row in entry["rows"]})
 
 
+def seed_counts(report: dict) -> list[int]:
+    """Each task's number of seeds, sorted and distinct."""
+    return sorted({seed_count(entry) for part in ("sampling", "search") for entry in report[part].values()})
+
+
 def merge(reports: list[dict]) -> dict:
     """One report with the task entries of all: a later file's search entry replaces an earlier one of the same task;
     its sampling rows replace the earlier rows of the same sampler and seed (`merge_sampling`)."""
@@ -598,6 +602,7 @@ def merge(reports: list[dict]) -> dict:
     order = {name: i for i, name in enumerate(ALL_TASKS)}
     for part in ("sampling", "search"):
         out[part] = dict(sorted(out[part].items(), key=lambda kv: order.get(kv[0], len(order))))
+    out["seeds"] = max(seed_counts(out), default=out["seeds"])  # disjoint seed runs add up
     return out
 
 

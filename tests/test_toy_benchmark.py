@@ -64,7 +64,9 @@ def test_merging_reports_of_other_seeds_pools_them_and_a_rerun_replaces_its_own_
     rerun = json.loads(json.dumps(report))
     rerun_rows = [r | {"mmd": 0.0} for r in entry["rows"] if r["method"] == "best-of-N" and r["seed"] == 8]
     rerun["sampling"] = {"rare-mode-8d": entry | {"rows": rerun_rows}}
-    merged = toy.merge([first, second, rerun])["sampling"]["rare-mode-8d"]
+    report_merged = toy.merge([first, second, rerun])
+    assert report_merged["seeds"] == 10
+    merged = report_merged["sampling"]["rare-mode-8d"]
     assert len(merged["rows"]) == len(entry["rows"])  # disjoint seeds joined, the rerun replaced its own runs
     assert toy.seed_count(merged) == 10
     best_of_n = [r for r in merged["rows"] if r["method"] == "best-of-N"]
