@@ -86,7 +86,13 @@ FIXED_TARGETS = {"w1": (0.3, 0.15, 0.1), "mmd": (0.3, 0.15, 0.1)}  # distances e
 ANYTIME = {"dts", "dts*", "dts-paper", "dts*-paper", "best-of-n"}  # a later run(b) continues the same sampler exactly
 TOP = 100  # search: mean reward of the best TOP samples returned
 # recorded name -> the tree's stats() key
-DIAGNOSTICS = {"nfe_per_leaf": "nfe_per_leaf", "draw_ess": "draw_ess", "draw_distinct_leaves": "last_draw_distinct"}
+DIAGNOSTICS = {
+    "nfe_per_leaf": "nfe_per_leaf",
+    "draw_ess": "draw_ess",
+    "draw_distinct_leaves": "last_draw_distinct",
+    "draw_eligible_leaves": "draw_eligible_leaves",
+}
+PROFILES = {"nfe_by_level": "nfe_by_level", "lineage_ess_by_level": "draw_ess_by_level"}  # per-level, the tree's
 PALETTE = (
     "tab:blue",
     "tab:orange",
@@ -134,6 +140,8 @@ def diagnostics(sampler, drawn: torch.Tensor) -> dict:
     """Distinct rows of the draw (any method) and the tree's reuse / draw-rule diagnostics (None where absent)."""
     stats = sampler.stats()
     out = {name: stats.get(key) for name, key in DIAGNOSTICS.items()}
+    for name, key in PROFILES.items():  # string levels, as a saved report has them
+        out[name] = {str(level): value for level, value in stats[key].items()} if stats.get(key) else None
     out["distinct_draws"] = len(torch.unique(drawn.reshape(len(drawn), -1), dim=0))
     return out
 
@@ -396,6 +404,51 @@ def diagnostics_table(entry: dict) -> list[str]:
     return lines
 
 
+def reuse_table(entry: dict) -> list[str]:
+    """At the largest budget, per tree and level (medians over seeds): the share of NFE spent by rollouts starting
+    there (the root's: new x_T seeds) and the draw's ESS over the level's nodes, the independent lineages the draws
+    rest on there; the last row, the draw's ESS over the leaves and the leaves it may reach. Empty for a report
+    without these profiles."""
+    budget = entry["budgets"][-1]
+    spent = {m: d[budget] for m, d in runs_by_method(entry["rows"], "nfe_by_level").items() if budget in d}
+    if not spent:
+        return []
+    lineages = runs_by_method(entry["rows"], "lineage_ess_by_level")
+    leaves = {key: runs_by_method(entry["rows"], key) for key in ("draw_ess", "draw_eligible_leaves")}
+    node_levels = {int(lv) for d in lineages.values() for r in d.get(budget, []) for lv in r}
+    start_levels = {int(lv) for runs in spent.values() for r in runs for lv in r}
+    root = max(start_levels) if node_levels and max(start_levels) > max(node_levels) else None
+    levels = sorted(node_levels | start_levels, reverse=True)
+
+    def median(profiles: list[dict], level: int, share: bool = False) -> float | None:
+        found = [p.get(str(level), 0) / (sum(p.values()) if share else 1) for p in profiles]
+        return float(np.median(found)) if found else None
+
+    def cells(method: str, level: int) -> list[str]:
+        share = median(spent[method], level, share=True)
+        ess = median(lineages.get(method, {}).get(budget, []), level) if level != root else None
+        return [f"{share:.2f}" if share is not None else "—", f"{ess:.0f}" if ess is not None else "—"]
+
+    def leaf_cells(method: str) -> list[str]:
+        ess, eligible = (np.median(leaves[k].get(method, {}).get(budget, [math.nan])) for k in leaves)
+        return ["—", f"{ess:.0f} of {eligible:.0f} eligible"]
+
+    methods = list(spent)
+    lines = [
+        f"Reuse at NFE {budget} (medians over seeds): the share of NFE spent by rollouts starting at each level "
+        "(seeds: from the root) and the draw's ESS over the level's nodes, the independent lineages the draws rest "
+        "on there; at the leaves, the draw's ESS and the leaves a draw may reach.",
+        "",
+        "| level | " + " | ".join(f"{m}: NFE share | {m}: lineages" for m in methods) + " |",
+        "|---|" + "---|---|" * len(methods),
+    ]
+    for level in levels:
+        name = "seeds (root)" if level == root else f"ℓ = {level}"
+        lines.append(f"| {name} | " + " | ".join(c for m in methods for c in cells(m, level)) + " |")
+    lines.append("| leaves | " + " | ".join(c for m in methods for c in leaf_cells(m)) + " |")
+    return lines
+
+
 def sampling_section(name: str, entry: dict) -> list[str]:
     key = entry["distance"]
     has_mass = "high_mode_mass" in entry["summary"]
@@ -426,6 +479,7 @@ def sampling_section(name: str, entry: dict) -> list[str]:
             if entry["summary"].get("nfe_per_leaf")
             else []
         ),
+        *([*table, ""] if (table := reuse_table(entry)) else []),
     ]
 
 

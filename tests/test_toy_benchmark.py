@@ -105,3 +105,26 @@ def test_nfe_to_reach_interpolates_in_log_nfe_either_way():
         falling = {1000: 400.0, 2000: 300.0, 8000: 200.0}
         assert ranking.nfe_to_reach(falling, 250.0) == (8000, pytest.approx(4000.0))
         assert ranking.nfe_to_reach(falling, 100.0) == (None, None)
+
+
+def test_the_reuse_table_reads_where_a_real_trees_nfe_went_and_its_lineages(toy):
+    """Two seeds of the default DTS on bimodal-1d: the table's NFE shares are the medians of each tree's
+    nfe_by_level over its NFE, its lineage row the medians of draw_ess_by_level, its leaf row the draw's ESS."""
+    task = toy.SAMPLING_TASKS["bimodal-1d"][0]()
+    trees, rows = [], []
+    for seed in (0, 1):
+        tree = toy.make_sampler(task, "dts", {}, seed).run(600)
+        rows.append({"method": "DTS", "seed": seed, "budget": 600} | toy.diagnostics(tree, tree.sample(50)))
+        trees.append(tree.stats())
+    lines = toy.reuse_table({"budgets": [600], "rows": rows})
+    table = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:] for line in lines if line.startswith("| ")}
+    root = task.num_steps + 1
+    assert table["seeds (root)"][0] == f"{np.median([s['nfe_by_level'][root] / s['nfe'] for s in trees]):.2f}"
+    for level in task.branch_levels:
+        share = np.median([s["nfe_by_level"].get(level, 0) / s["nfe"] for s in trees])
+        lineages = np.median([s["draw_ess_by_level"][level] for s in trees])
+        assert table[f"ℓ = {level}"] == [f"{share:.2f}", f"{lineages:.0f}"]
+    eligible = np.median([s["draw_eligible_leaves"] for s in trees])
+    assert table["leaves"] == ["—", f"{np.median([s['draw_ess'] for s in trees]):.0f} of {eligible:.0f} eligible"]
+    assert json.loads(json.dumps(rows)) == rows  # a saved report reads the same (levels are strings)
+    assert toy.reuse_table({"budgets": [600], "rows": [r | {"nfe_by_level": None} for r in rows]}) == []
