@@ -58,6 +58,7 @@ NEYMAN_EVERY = 8  # batches between two measurements of the spreads
 EQUAL_SHARE_FRACTION = 0.2  # by default the levels expanded in the chain's first fifth (from x_T) take equal shares
 GUIDE_SPREAD_WARMUP = 32  # nodes a level makes before the spread of its guide is measured (and its scale fixed)
 ESTIMATORS = ("nested", "frontier", "held-out", "paper")
+EARLY_LINEAGES = ("fresh", "branch")
 WIDENINGS = {"default": Widening(), "paper": PAPER_WIDENING}
 
 
@@ -128,6 +129,19 @@ def high_noise_levels(open_levels: list[int], num_steps: int) -> int:
     however densely the chain branches (two of six levels on 5 branch levels with x_T branching, three of eleven on a
     100-step chain's ten)."""
     return sum(commits_early(level, num_steps) for level in open_levels)
+
+
+def fresh_early_shares(shares: dict[int, float], num_steps: int) -> dict[int, float]:
+    """`shares` with every node level in the chain's first fifth (`commits_early`) closed, its share handed to the
+    root's new x_T seeds (the first key): there each early lineage is a fresh chain, not a second child of an early
+    node. An early node carries little of x_0, so its second child costs about a seed and is less independent of its
+    sibling than a new seed is of the others (the long chain on forty seeds, and every task branching every T/10:
+    README, round 11)."""
+    seeds, *levels = shares
+    early = [level for level in levels if commits_early(level, num_steps)]
+    fresh = {level: share for level, share in shares.items() if level not in early}
+    fresh[seeds] += sum(shares[level] for level in early)
+    return fresh
 
 
 def sibling_spread(values: np.ndarray, parents: np.ndarray) -> float:
@@ -263,11 +277,14 @@ class DTS:
       m(parent)·exp(κ·λ·Δh)/K(parent): SMC's resampling carried out over time, with the tree's reuse (rollouts start
       at every level). ``equal_share_levels`` k keeps the top k levels (the root's x_T seeds first) at the equal
       share 1/(levels + 1); ``level_cost_exponent`` β splits the rest ∝ cost^-β (a child at level ℓ costs ℓ NFE;
-      0: equal counts, 1: equal NFE). ``branch_at_x_t`` (None: `branches_at_x_t`) says whether x_T nodes get more
-      than their first child: not with the paper's five levels, whose x_T level's share goes to new seeds and the
-      levels below; yes on a chain branching every T/10. The defaults, β = 0.75, k = None (the levels expanded in
-      the chain's first fifth, ℓ > 0.8·T: the x_T seeds alone on five branch levels, three levels on ten) and
-      branch_at_x_t = None, are the best measured (README: ten to twenty seeds on the toy tasks, digits).
+      0: equal counts, 1: equal NFE). ``branch_at_x_t`` (None: `branches_at_x_t`) says whether the x_T level is
+      one of them: not with the paper's five levels, whose x_T level's share goes to the levels below; yes on a
+      chain branching every T/10. ``early_lineages="fresh"`` then closes every level in the chain's first fifth
+      (ℓ > 0.8·T; x_T and level 90 of a 100-step chain branching every 10) and hands its share to new x_T seeds:
+      nodes there keep one child and every early lineage is a fresh chain (``"branch"``: they branch, as before
+      round 11). The defaults, β = 0.75, k = None (the levels expanded in the chain's first fifth: the x_T seeds
+      alone on five branch levels, three levels' shares, all the seeds', on ten), branch_at_x_t = None and
+      early_lineages = "fresh", are the best measured (README: ten to forty seeds on the toy tasks, digits).
     - ``"nested"``: top-down; each node hands its visits to its children by a deterministic deficit pick with shares
       ∝ exp(κ·λ·h). Children compete only with their siblings, so a discovery cannot grow beyond its parent's visits.
 
@@ -317,6 +334,7 @@ class DTS:
         level_cost_exponent: float = 0.75,
         equal_share_levels: int | None = None,
         branch_at_x_t: bool | None = None,
+        early_lineages: str = "fresh",
         level_allocation: str = "fixed",
         guide_spread_cap: float | None = 3.0,
         batch_size: int = 16,
@@ -384,16 +402,25 @@ class DTS:
         self._backup_lam = math.inf if mode == "search" and search_backup == "max" else self.lam
         self._guided = estimator in ("nested", "frontier")
         self._frontier = estimator == "frontier" and mode == "sample"  # search descends from the root (below)
+        if early_lineages not in EARLY_LINEAGES:
+            raise ValueError(f"early_lineages must be one of {EARLY_LINEAGES} (got {early_lineages!r})")
         if branch_at_x_t is None:
             branch_at_x_t = branches_at_x_t(self.node_levels, num_steps)
         elif not isinstance(branch_at_x_t, bool):
             raise TypeError(f"branch_at_x_t must be True, False or None (the chain decides) (got {branch_at_x_t!r})")
-        self.branch_at_x_t = bool(branch_at_x_t)
+        elif branch_at_x_t and early_lineages == "fresh":
+            raise ValueError(
+                "branch_at_x_t=True lets x_T nodes branch, which early_lineages='fresh' (the default) rules out: "
+                "pass early_lineages='branch' with it"
+            )
         open_levels = [num_steps + 1, *(lv for lv in self.node_levels[:-1] if lv != num_steps or branch_at_x_t)]
         if equal_share_levels is None:
             equal_share_levels = high_noise_levels(open_levels, num_steps)
         self.equal_share_levels = int(equal_share_levels)
-        self._level_shares = level_shares(open_levels, num_steps, level_cost_exponent, self.equal_share_levels)
+        self.early_lineages = early_lineages
+        shares = level_shares(open_levels, num_steps, level_cost_exponent, self.equal_share_levels)
+        self._level_shares = fresh_early_shares(shares, num_steps) if early_lineages == "fresh" else shares
+        self.branch_at_x_t = num_steps in self._level_shares  # whether x_T nodes get more than their first child
         if guide_trust is None:  # measured best per estimator (README): SMC-like frontier trusts x̂_0, top-down does not
             guide_trust = 1.0 if estimator == "frontier" else 0.0
         if not 0 <= guide_trust <= 1:

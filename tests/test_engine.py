@@ -49,13 +49,16 @@ def test_nested_and_held_out_estimators_are_unbiased_where_the_papers_rule_is_no
     assert high_mode_mass(estimator="paper", widening="paper") < target - 0.1  # the bias documented in the README
 
 
+X_T_BRANCHING = {"branch_at_x_t": True, "early_lineages": "branch"}  # x_T nodes branch: the trees before round 9
+
+
 def test_cost_aware_level_shares_spend_equal_nfe_per_level():
-    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=0, branch_at_x_t=True).run(20_000).stats()
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=0, **X_T_BRANCHING).run(20_000).stats()
     costs = [20, 20, 16, 12, 8, 4]  # a new x_T seed, then a child of each node level, in NFE
     assert st["nfe_per_leaf"] == pytest.approx(len(costs) / sum(1 / c for c in costs), rel=0.02)
     spent = list(st["nfe_by_level"].values())
     assert len(spent) == len(costs) and max(spent) < 1.01 * min(spent)  # the root's key is its x_T seeds' level 21
-    half = make(seed=0, level_cost_exponent=0.5, equal_share_levels=0, branch_at_x_t=True).run(20_000).stats()
+    half = make(seed=0, level_cost_exponent=0.5, equal_share_levels=0, **X_T_BRANCHING).run(20_000).stats()
     assert 9.7 < half["nfe_per_leaf"] < 80 / 6  # between equal NFE and equal counts
     # the default: β = 0.75, the x_T seeds at the equal share, x_T nodes one child each: under 0.6·T
     assert 9.7 < make(seed=0).run(20_000).stats()["nfe_per_leaf"] < 0.6 * 20
@@ -72,14 +75,15 @@ def test_level_shares_keep_the_top_levels_even_and_split_the_rest_by_cost():
     assert sum(shares.values()) == pytest.approx(1.0) and shares[21] == pytest.approx(1 / 6)
     below = {lv: share * min(lv, 20) for lv, share in shares.items() if lv != 21}  # NFE spent per level
     assert max(below.values()) == pytest.approx(min(below.values()))
-    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=1, branch_at_x_t=True).run(20_000).stats()
+    st = make(seed=0, level_cost_exponent=1.0, equal_share_levels=1, **X_T_BRANCHING).run(20_000).stats()
     assert st["nfe_by_level"][21] == pytest.approx(st["nfe"] / 6 * 20 / st["nfe_per_leaf"], rel=0.02)
 
 
 def test_by_default_the_levels_of_the_chains_first_fifth_take_equal_shares():
     """On the 100-step chain branching every 10, three of eleven levels (the root's seeds, x_T's children, level
-    90's): the levels where a trajectory commits to a mode. On a 20-step chain branching every 4 the x_T nodes'
-    children lie a fifth of the chain below x_T: x_T nodes keep one child, and the seeds alone take the equal share."""
+    90's): the levels where a trajectory commits to a mode; by default (early_lineages="fresh") all three shares go
+    to new seeds. On a 20-step chain branching every 4 the x_T nodes' children lie a fifth of the chain below x_T:
+    x_T nodes keep one child, and the seeds alone take the equal share."""
     from dts_diffusers.engine import branches_at_x_t, high_noise_levels
     from dts_diffusers.toy import long_chain
 
@@ -93,16 +97,29 @@ def test_by_default_the_levels_of_the_chains_first_fifth_take_equal_shares():
     tree = default.tree
     x_t_nodes = np.flatnonzero(tree.level_np[: tree.size] == 20)
     assert x_t_nodes.size > 100 and tree.child_count_np[x_t_nodes].max() == 1
-    branching = make(seed=0, branch_at_x_t=True).run(20_000)
+    branching = make(seed=0, **X_T_BRANCHING).run(20_000)
     assert branching.equal_share_levels == 2 and branching._expansions_by_level[20] > 100
     with pytest.raises(TypeError, match="branch_at_x_t must be True, False or None"):
         make(branch_at_x_t=1)
+    with pytest.raises(ValueError, match="pass early_lineages='branch' with it"):
+        make(branch_at_x_t=True)
+    with pytest.raises(ValueError, match="early_lineages must be one of"):
+        make(early_lineages="fresh chains")
     chain = long_chain()
-    dts = make(chain, seed=0, branch_levels=chain.branch_levels).run(20_000)
-    assert dts.equal_share_levels == 3 and dts.branch_at_x_t
-    counts = dts._expansions_by_level
+    branched = make(chain, seed=0, branch_levels=chain.branch_levels, early_lineages="branch").run(20_000)
+    assert branched.equal_share_levels == 3 and branched.branch_at_x_t
+    counts = branched._expansions_by_level
     assert counts[101] == pytest.approx(counts[100], abs=2) and counts[100] == pytest.approx(counts[90], abs=2)
     assert counts[80] < 0.7 * counts[90] and counts[10] > 1.5 * counts[90]  # below: ∝ cost^-0.75
+    dts = make(chain, seed=0, branch_levels=chain.branch_levels).run(20_000)  # fresh early lineages
+    assert dts.equal_share_levels == 3 and not dts.branch_at_x_t
+    fresh = dts._expansions_by_level
+    assert 100 not in fresh and 90 not in fresh  # the first fifth's nodes keep one child ...
+    assert fresh[101] == pytest.approx(counts[101] + counts[100] + counts[90], abs=6)  # ... and seeds take their shares
+    assert fresh[80] == pytest.approx(counts[80], abs=2) and fresh[10] == pytest.approx(counts[10], abs=4)
+    tree = dts.tree
+    early = np.isin(tree.level_np[: tree.size], [100, 90])
+    assert tree.child_count_np[: tree.size][early].max() == 1
     assert dts.stats()["nfe_per_leaf"] < 0.55 * 100
     assert make(chain, branch_levels=chain.branch_levels, equal_share_levels=0).equal_share_levels == 0
     with pytest.raises(ValueError, match="or None for the chain's first fifth"):
@@ -122,7 +139,7 @@ def test_neyman_level_allocation_moves_expansions_to_where_outcomes_still_vary()
     fixed rule gives every level the same count) on every seed, and well under them on the median seed."""
     ratios = []
     for seed in range(5):
-        dts = make(seed=seed, level_allocation="neyman", branch_at_x_t=True).run(20_000)
+        dts = make(seed=seed, level_allocation="neyman", **X_T_BRANCHING).run(20_000)
         counts = dts._expansions_by_level
         ratios.append(counts[4] / min(counts[lv] for lv in (8, 12, 16)))
         assert dts.stats()["draw_eligible_leaves"] == dts.stats()["leaves"]
