@@ -116,10 +116,11 @@ def commits_early(level: int, num_steps: int) -> bool:
 
 
 def branches_at_x_t(node_levels: list[int], num_steps: int) -> bool:
-    """Whether the frontier gives x_T nodes more than their first child: only where that child's level commits early
-    (`commits_early`: a chain branching every T/10). With the paper's five levels the child sits a fifth of the chain
+    """Whether the x_T level is one of the frontier's levels: only where its children's level commits early
+    (`commits_early`: a chain branching every T/10), and there, under the default fresh early lineages, its share
+    goes to new x_T seeds (`fresh_early_shares`). With the paper's five levels the child sits a fifth of the chain
     below x_T, which carries little of x_0: a second child costs the whole chain, as a new x_T seed does, and is less
-    independent of its siblings, so the x_T level's share goes to new seeds and the levels below (measured on the toy
+    independent of its siblings, so the x_T level has no share and the levels below take it (measured on the toy
     tasks and digits: README, round 9)."""
     return len(node_levels) > 2 and commits_early(node_levels[1], num_steps)
 
