@@ -134,12 +134,12 @@ def high_noise_levels(open_levels: list[int], num_steps: int) -> int:
 
 def fresh_early_shares(shares: dict[int, float], num_steps: int) -> dict[int, float]:
     """`shares` with every node level in the chain's first fifth (`commits_early`) closed, its share handed to the
-    root's new x_T seeds (the first key): there each early lineage is a fresh chain, not a second child of an early
-    node. An early node carries little of x_0, so its second child costs about a seed and is less independent of its
-    sibling than a new seed is of the others (the long chain on forty seeds, and every task branching every T/10:
-    README, round 11)."""
-    seeds, *levels = shares
-    early = [level for level in levels if commits_early(level, num_steps)]
+    root's new x_T seeds (key num_steps + 1): there each early lineage is a fresh chain, not a second child of an
+    early node. An early node carries little of x_0, so its second child costs about a seed and is less independent
+    of its sibling than a new seed is of the others (the long chain on forty seeds, and every task branching every
+    T/10: README, round 11)."""
+    seeds = num_steps + 1
+    early = [level for level in shares if level != seeds and commits_early(level, num_steps)]
     fresh = {level: share for level, share in shares.items() if level not in early}
     fresh[seeds] += sum(shares[level] for level in early)
     return fresh
